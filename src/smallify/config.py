@@ -1,0 +1,44 @@
+"""Base of every method config: validation in ``__post_init__``, to/from dict with a schema version."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from smallify.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+def check_choice(name: str, value: Any, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
+
+
+@dataclasses.dataclass
+class Config:
+    """A method's settings. Subclasses are dataclasses; ``kind`` names them in files."""
+
+    kind: ClassVar[str] = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "schema_version": SCHEMA_VERSION}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        d = dict(d)
+        kind, version = d.pop("kind", cls.kind), d.pop("schema_version", SCHEMA_VERSION)
+        if kind != cls.kind:
+            raise ConfigError(f"config kind {kind!r} given to {cls.__name__}, which reads kind {cls.kind!r}")
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"config schema_version {version} is newer than this smallify reads ({SCHEMA_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; accepted: {sorted(names)}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v
+                      for k, v in d.items()})

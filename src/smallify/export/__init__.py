@@ -1,0 +1,1 @@
+"""Export to the formats runtimes load: ONNX (QDQ for quantized models)."""

@@ -1,0 +1,99 @@
+"""PyTorch -> ONNX. Quantized models come out as QDQ graphs that ONNX Runtime runs with integer kernels."""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import tempfile
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from smallify import onnx_io
+from smallify.export import ops
+from smallify.quant import modules as qmod
+from smallify.quant.onnx import fold_relu_into_quantize, quantize_weights
+
+
+class _ExportActQuant(nn.Module):
+    """ActQuant with its parameters as Python numbers: exported as QuantizeLinear/DequantizeLinear constants."""
+
+    def __init__(self, q: qmod.ActQuant):
+        super().__init__()
+        self.scale, self.zero_point = float(q.scale), int(q.zero_point)
+        self.qmin, self.qmax = q.fmt.qmin, q.fmt.qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.quantize_dequantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+def _float_twins(gm: nn.Module) -> tuple[nn.Module, set[str]]:
+    """A copy whose quantized twins are plain float layers holding the dequantized weights (exact grid values)."""
+    gm = copy.deepcopy(gm)
+    for p in gm.parameters():
+        p.requires_grad_(False)  # the exporter has no decomposition for the training form of fake_quantize
+    names = set()
+    for name, m in list(gm.named_modules()):
+        if isinstance(m, qmod.ActQuant):
+            parent, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, _ExportActQuant(m))
+        if isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
+            base = nn.Conv2d if isinstance(m, qmod.QuantConv2d) else nn.Linear
+            plain = copy.deepcopy(m)
+            plain.__class__ = base
+            with torch.no_grad():
+                plain.weight.copy_(m.qweight())
+            for buf in ("weight_scale", "weight_zero_point"):
+                delattr(plain, buf)
+            parent, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
+            names.add(f"{name}.weight")
+    return gm, names
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, opset: int = 20) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export to an in-memory ModelProto, batch axis dynamic."""
+    inputs = tuple(x.expand(2, *x.shape[1:]).contiguous() if dynamic_batch and x.shape[0] == 1 else x
+                   for x in _as_tuple(example_inputs))
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic = tuple({0: batch} for _ in inputs)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(model.eval(), inputs, path, dynamo=True, opset_version=opset,
+                          dynamic_shapes=dynamic, input_names=["input" if len(inputs) == 1 else f"input_{i}"
+                                                               for i in range(len(inputs))],
+                          output_names=["output"], external_data=False, verbose=False,
+                          custom_translation_table=ops.TRANSLATIONS)
+        return onnx.load(path)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` as ONNX. A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
+    int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
+    onnx_io.check_writable(path)
+    quantized = hasattr(model, "quant_config")
+    plain, weight_names = _float_twins(model) if quantized else (model, set())
+    proto = to_onnx_proto(plain, example_inputs, dynamic_batch)
+    if quantized:
+        fold_relu_into_quantize(proto)
+        done = quantize_weights(proto, weight_names, model.quant_config.per_channel)
+        if len(done) != len(weight_names):
+            raise RuntimeError(f"internal: {len(weight_names)} quantized layers but {len(done)} found in the ONNX graph")
+        proto.producer_name = "smallify"
+    onnx.checker.check_model(proto)
+    return onnx_io.save(proto, path)

@@ -1,0 +1,1 @@
+"""Quantization: pure numerics (primitives, observers), module twins, PTQ for PyTorch and ONNX."""

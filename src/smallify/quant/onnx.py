@@ -1,0 +1,350 @@
+"""The ONNX graph path: calibrate with ONNX Runtime and write a QDQ model.
+
+The same placement rule, observers and scale arithmetic as the PyTorch path. The writer
+(``quantize_weights`` and ``fold_relu_into_quantize``) is also the last step of ``export_onnx`` for
+PyTorch-quantized models, so both paths produce the same graph shape:
+
+    x:uint8 -DQ-> Conv(W: int8 per-channel -DQ, bias: int32 -DQ) -> Q:uint8 ...
+
+which ONNX Runtime fuses into QLinearConv / QGemm / QLinearAdd on x86 (VNNI/AMX u8s8 kernels).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from smallify import data as data_mod
+from smallify import onnx_io
+from smallify.errors import DataError, ModelError
+from smallify.progress import track
+from smallify.quant import observers
+from smallify.quant.config import Int8Static
+from smallify.quant.placement import GNode, place
+from smallify.quant.primitives import INT8_ACT, INT8_WEIGHT, UINT8_ACT, compute_qparams, quantize, weight_qparams
+from smallify.quant.report import LayerReport, QuantReport
+
+_KINDS = {"Relu": "relu", "Add": "add", "MaxPool": "maxpool", "GlobalAveragePool": "avgpool",
+          "AveragePool": "avgpool", "Flatten": "flatten", "Reshape": "reshape", "Transpose": "transpose",
+          "Squeeze": "squeeze", "Unsqueeze": "unsqueeze", "Identity": "identity", "ReduceMean": "avgpool"}
+_WEIGHT_OPS = {"Conv": "conv", "Gemm": "linear", "MatMul": "matmul"}
+_FLOAT_LAYERS = {"ConvTranspose", "LSTM", "GRU", "RNN", "ConvInteger", "MatMulInteger", "Einsum"}
+
+
+def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's basic graph optimizations (BatchNorm folding, constant folding), then shape inference."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "opt.onnx")
+        onnx.save(model, src)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = dst
+        try:
+            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+        out = onnx.load(dst)
+    return onnx.shape_inference.infer_shapes(out)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return consts
+
+
+def _weight_input(node: onnx.NodeProto, consts: dict) -> int | None:
+    """Index of the constant weight input of a Conv/Gemm/MatMul, or None."""
+    if node.op_type in ("Conv", "Gemm"):
+        return 1 if len(node.input) > 1 and node.input[1] in consts else None
+    if node.op_type == "MatMul":
+        return 1 if node.input[1] in consts and consts[node.input[1]].ndim == 2 else None
+    return None
+
+
+def _layer_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode], set[str], list[LayerReport]]:
+    """The graph as the placement rule sees it, and a report line per weight layer."""
+    consts = _constants(model)
+    gnodes, reports = [], []
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        acts = [t for t in node.input if t and t not in consts]
+        kind, quantize_it = _KINDS.get(node.op_type, "other"), True
+        if node.op_type in _WEIGHT_OPS:
+            w = _weight_input(node, consts)
+            name = _layer_name(node)
+            if w is None and node.op_type != "MatMul":
+                reports.append(LayerReport(name, node.op_type, "float", "weight is not a constant initializer"))
+                kind = "other"
+            elif w is None:
+                kind = "other"  # activation x activation MatMul: left in float at this level
+            else:
+                kind = _WEIGHT_OPS[node.op_type]
+                wname = node.input[w]
+                pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)
+                                or fnmatch.fnmatchcase(wname, p) or fnmatch.fnmatchcase(wname.rsplit(".", 1)[0], p)),
+                               None)
+                if pattern is not None:
+                    reports.append(LayerReport(name, node.op_type, "float", f"skipped by pattern {pattern!r}"))
+                    quantize_it = False
+                elif not np.isfinite(consts[wname]).all():
+                    raise ModelError(f"weight {wname!r} of layer {name!r} holds NaN or Inf")
+                else:
+                    reports.append(LayerReport(name, node.op_type, "quantized"))
+        elif node.op_type in _FLOAT_LAYERS:
+            reports.append(LayerReport(_layer_name(node), node.op_type, "float",
+                                       f"{node.op_type} has no INT8 implementation (handled: Conv, Gemm, MatMul)"))
+        if kind == "add" and len(acts) != 2:
+            kind = "other"
+        gnodes.append(GNode(_layer_name(node), kind, acts, list(node.output), quantize_it))
+    return gnodes, {o.name for o in model.graph.output}, reports
+
+
+def input_names(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def check_calibration_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Match a .npz's arrays to the model's inputs by name (a single array may have any key) and shape."""
+    names = input_names(model)
+    if len(arrays) == 1 and len(names) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+    if missing or extra:
+        raise DataError(f"calibration arrays {sorted(arrays)} do not match the model inputs {names}"
+                        + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+    by_name = {i.name: i for i in model.graph.input}
+    for name in names:
+        dims = by_name[name].type.tensor_type.shape.dim
+        want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        got = arrays[name].shape
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want[1:], got[1:])):
+            shown = ["N" if w is None else w for w in want]
+            raise DataError(f"calibration array {name!r} has shape {tuple(got)}; the model input expects "
+                            f"{tuple(shown)} (first axis = samples)")
+        elem = by_name[name].type.tensor_type.elem_type
+        if elem == TensorProto.FLOAT:
+            if not np.issubdtype(arrays[name].dtype, np.floating):
+                raise DataError(f"calibration array {name!r} has dtype {arrays[name].dtype}; the model input is float32")
+            arrays[name] = arrays[name].astype(np.float32, copy=False)
+            if not np.isfinite(arrays[name]).all():
+                raise DataError(f"calibration array {name!r} holds NaN or Inf")
+    return arrays
+
+
+def _batch_size(model: onnx.ModelProto) -> int:
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    return first[0].dim_value if first and first[0].HasField("dim_value") else 32
+
+
+def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Static, progress: bool = True) -> tuple[dict, int]:
+    """Run ONNX Runtime on ``data`` and observe every tensor in ``tensors``; returns observers and sample count."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in existing:
+            probe.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    obs = {t: observers.make_observer(config.calibration, config.percentile, t) for t in tensors}
+    names, samples = input_names(model), 0
+    dtypes = {i.name: i.type for i in session.get_inputs()}
+    for batch in track(data_mod.batches(data, names, _batch_size(model), config.max_calibration_samples),
+                       "calibrating", progress):
+        feed = {k: v.numpy().astype(np.float32) if "float" in dtypes[k] else v.numpy() for k, v in batch.items()}
+        try:
+            outs = session.run(tensors, feed)
+        except Exception as e:
+            raise DataError(f"ONNX Runtime rejected the calibration batch: {str(e).splitlines()[0][:300]}") from None
+        for t, value in zip(tensors, outs):
+            obs[t].observe(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+        samples += next(iter(batch.values())).shape[0]
+    return obs, samples
+
+
+def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], signed: bool) -> None:
+    """Insert QuantizeLinear -> DequantizeLinear after each tensor in ``qparams`` and rewire its consumers."""
+    g = model.graph
+    zdtype = TensorProto.INT8 if signed else TensorProto.UINT8
+    inserted: dict[str, list[onnx.NodeProto]] = {}
+    rename: dict[str, str] = {}
+    for t, (scale, zero) in qparams.items():
+        s_name, z_name, q_name, dq_name = f"{t}_scale", f"{t}_zero_point", f"{t}_quantized", f"{t}_dequantized"
+        g.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
+        g.initializer.append(helper.make_tensor(z_name, zdtype, [], [int(zero)]))
+        inserted[t] = [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q_name], name=f"{t}_QuantizeLinear"),
+                       helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name],
+                                        name=f"{t}_DequantizeLinear")]
+        rename[t] = dq_name
+    nodes = []
+    for t in input_names(model):
+        nodes += inserted.get(t, [])
+    for node in g.node:
+        for i, t in enumerate(node.input):
+            if t in rename:
+                node.input[i] = rename[t]
+        nodes.append(node)
+        for o in node.output:
+            nodes += inserted.get(o, [])
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def fold_relu_into_quantize(model: onnx.ModelProto) -> int:
+    """Remove each Relu whose only consumers are QuantizeLinear nodes with zero point at the bottom of the range
+    (0 for uint8, -128 for int8): the quantizer's clamp already does what the Relu does. Returns the count."""
+    g = model.graph
+    consts = _constants(model)
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
+    outputs = {o.name for o in g.output}
+    keep, removed = [], 0
+    for n in g.node:
+        if n.op_type == "Relu" and n.output[0] not in outputs:
+            qs = users.get(n.output[0], [])
+            if qs and all(q.op_type == "QuantizeLinear" and len(q.input) > 2 and q.input[2] in consts
+                          and int(consts[q.input[2]]) == np.iinfo(consts[q.input[2]].dtype).min for q in qs):
+                for q in qs:
+                    q.input[0] = n.input[0]
+                removed += 1
+                continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    return removed
+
+
+def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channel: bool) -> list[str]:
+    """Store the weights of Conv/Gemm/MatMul nodes whose activation input comes from a DequantizeLinear as int8
+    (symmetric, per output channel for Conv/Gemm), and their biases as int32 with scale s_x * s_w.
+
+    ``layers``: the node names (or weight names) to quantize; None means every eligible node.
+    Returns the names of the nodes quantized.
+    """
+    g = model.graph
+    consts = _constants(model)
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    done = []
+    for idx, node in enumerate(g.node):
+        w_idx = _weight_input(node, consts)
+        if w_idx is None or node.input[w_idx] not in inits:
+            continue
+        wname = node.input[w_idx]
+        if layers is not None and _layer_name(node) not in layers and wname not in layers:
+            continue
+        dq = producer.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in consts:
+            continue
+        x_scale = float(consts[dq.input[1]])
+        w = torch.from_numpy(consts[wname].astype(np.float32))
+        axis = 0
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else 1
+        elif node.op_type == "MatMul":
+            axis = 1
+        pc = per_channel and node.op_type != "MatMul"
+        scale, zero = weight_qparams(w, INT8_WEIGHT, pc, axis)
+        q = quantize(w, scale, zero, INT8_WEIGHT, axis if pc else None).to(torch.int8)
+        qname = f"{wname}_quantized"
+        g.initializer.append(numpy_helper.from_array(q.numpy(), qname))
+        g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{qname}_scale"))
+        g.initializer.append(numpy_helper.from_array(zero.numpy().astype(np.int8), f"{qname}_zero_point"))
+        attrs = {"axis": axis} if pc else {}
+        nodes = [helper.make_node("DequantizeLinear", [qname, f"{qname}_scale", f"{qname}_zero_point"],
+                                  [f"{wname}_dequantized"], name=f"{wname}_DequantizeLinear", **attrs)]
+        node.input[w_idx] = f"{wname}_dequantized"
+        b_idx = 2
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+            bname = node.input[b_idx]
+            b = consts[bname].astype(np.float64)
+            b_scale = (x_scale * scale.double().numpy()) if pc else np.array(x_scale * float(scale), np.float64)
+            if b.ndim == 1 and (not pc or b.shape[0] == scale.numel()):
+                qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
+                bq = f"{bname}_quantized"
+                g.initializer.append(numpy_helper.from_array(qb, bq))
+                g.initializer.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{bq}_scale"))
+                g.initializer.append(numpy_helper.from_array(np.zeros_like(qb), f"{bq}_zero_point"))
+                nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bq}_scale", f"{bq}_zero_point"],
+                                              [f"{bname}_dequantized"], name=f"{bname}_DequantizeLinear",
+                                              **({"axis": 0} if pc else {})))
+                node.input[b_idx] = f"{bname}_dequantized"
+        new_nodes[idx] = nodes
+        done.append(_layer_name(node))
+    nodes = []
+    for idx, node in enumerate(g.node):
+        nodes += new_nodes.get(idx, [])
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_unused_initializers(model)
+    return done
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [i for i in model.graph.input if i.name in used or i.name not in {x.name for x in keep}]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLike | None = None,
+                  progress: bool = True) -> tuple[onnx.ModelProto, QuantReport]:
+    """Quantize a float ONNX model to a QDQ model; writes ``out`` atomically when given."""
+    if out is not None:
+        onnx_io.check_writable(out)
+    model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    model = preprocess(model)
+    if isinstance(data, (str, os.PathLike)):
+        data = data_mod.load_npz(data)
+    if isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
+        data = check_calibration_inputs(model, dict(data))
+    gnodes, outputs, reports = graph_view(model, config)
+    placement = place(gnodes, outputs)
+    start = time.perf_counter()
+    obs, samples = calibrate(model, placement.calibrated, data, config, progress)
+    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
+    qparams = {}
+    for t in placement.calibrated:
+        s, z = compute_qparams(*observers.range_of(obs[t]), fmt)
+        qparams[t] = (float(s), int(z))
+    for t, src in placement.shared.items():
+        qparams[t] = qparams[src]
+    elapsed = time.perf_counter() - start
+    insert_qdq(model, qparams, fmt.signed)
+    fold_relu_into_quantize(model)
+    quantize_weights(model, {r.name for r in reports if r.status == "quantized"}, config.per_channel)
+    model.producer_name = "smallify"
+    onnx.checker.check_model(model)
+    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed)
+    if out is not None:
+        onnx_io.save(model, out)
+    return model, report
