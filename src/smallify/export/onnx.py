@@ -79,7 +79,11 @@ def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, 
                                                                for i in range(len(inputs))],
                           output_names=["output"], external_data=False, verbose=False,
                           custom_translation_table=ops.TRANSLATIONS)
-        return onnx.load(path)
+        proto = onnx.load(path)
+    for node in proto.graph.node:   # the exporter's per-node stack traces: debugging data, often most of the file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return proto
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynamic_batch: bool = True) -> Path:

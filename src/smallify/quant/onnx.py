@@ -73,7 +73,13 @@ def _weight_input(node: onnx.NodeProto, consts: dict) -> int | None:
     return None
 
 
-def _layer_name(node: onnx.NodeProto) -> str:
+def _layer_name(node: onnx.NodeProto, consts: dict | None = None) -> str:
+    """A layer's name for people: its weight's name without '.weight' (the PyTorch module path for exported
+    models), else the node's name."""
+    if consts is not None and node.op_type in _WEIGHT_OPS:
+        w = _weight_input(node, consts)
+        if w is not None and node.input[w].endswith(".weight"):
+            return node.input[w][: -len(".weight")]
     return node.name or node.output[0]
 
 
@@ -88,7 +94,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
         kind, quantize_it = _KINDS.get(node.op_type, "other"), True
         if node.op_type in _WEIGHT_OPS:
             w = _weight_input(node, consts)
-            name = _layer_name(node)
+            name = _layer_name(node, consts)
             if w is None and node.op_type != "MatMul":
                 reports.append(LayerReport(name, node.op_type, "float", "weight is not a constant initializer"))
                 kind = "other"
@@ -98,8 +104,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
                 kind = _WEIGHT_OPS[node.op_type]
                 wname = node.input[w]
                 pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)
-                                or fnmatch.fnmatchcase(wname, p) or fnmatch.fnmatchcase(wname.rsplit(".", 1)[0], p)),
-                               None)
+                                or fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(wname, p)), None)
                 if pattern is not None:
                     reports.append(LayerReport(name, node.op_type, "float", f"skipped by pattern {pattern!r}"))
                     quantize_it = False
@@ -112,7 +117,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
                                        f"{node.op_type} has no INT8 implementation (handled: Conv, Gemm, MatMul)"))
         if kind == "add" and len(acts) != 2:
             kind = "other"
-        gnodes.append(GNode(_layer_name(node), kind, acts, list(node.output), quantize_it))
+        gnodes.append(GNode(_layer_name(node, consts), kind, acts, list(node.output), quantize_it))
     return gnodes, {o.name for o in model.graph.output}, reports
 
 
@@ -255,7 +260,7 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
         if w_idx is None or node.input[w_idx] not in inits:
             continue
         wname = node.input[w_idx]
-        if layers is not None and _layer_name(node) not in layers and wname not in layers:
+        if layers is not None and _layer_name(node, consts) not in layers and wname not in layers:
             continue
         dq = producer.get(node.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in consts:
@@ -295,7 +300,7 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
                                               **({"axis": 0} if pc else {})))
                 node.input[b_idx] = f"{bname}_dequantized"
         new_nodes[idx] = nodes
-        done.append(_layer_name(node))
+        done.append(_layer_name(node, consts))
     nodes = []
     for idx, node in enumerate(g.node):
         nodes += new_nodes.get(idx, [])

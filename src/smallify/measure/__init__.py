@@ -1,0 +1,5 @@
+"""Measurements: size on disk, latency (side by side, interleaved), accuracy."""
+from smallify.measure.latency import LatencyStats, bench_interleaved, openvino_runner, ort_runner, torch_runner
+from smallify.measure.size import file_size, format_bytes
+
+__all__ = ["LatencyStats", "bench_interleaved", "openvino_runner", "ort_runner", "torch_runner", "file_size", "format_bytes"]

@@ -1,0 +1,97 @@
+"""Latency measured side by side: every model runs in the same process, with the same thread count, rounds
+interleaved (A B C A B C ...) so that machine noise hits all of them alike."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LatencyStats:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> "LatencyStats":
+        a = np.asarray(seconds) * 1e3
+        return cls(float(np.median(a)), float(np.percentile(a, 90)), len(a))
+
+
+def ort_runner(path: str | os.PathLike, threads: int = 2) -> tuple[Callable, list]:
+    """An ONNX Runtime CPU session; returns ``run(feed)`` and the session's inputs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()][:1]
+    return (lambda feed: session.run(outputs, feed)[0]), session.get_inputs()
+
+
+def torch_runner(model: torch.nn.Module, threads: int = 2) -> Callable:
+    model = model.eval()
+
+    def run(feed: dict) -> np.ndarray:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return model(*[torch.from_numpy(v) for v in feed.values()]).numpy()
+
+    return run
+
+
+def random_feed(inputs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching an ORT session's input list, with the batch axis set to ``batch``."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in inputs:
+        shape = [batch if k == 0 else (d if isinstance(d, int) else 1) for k, d in enumerate(i.shape)]
+        if "float" in i.type:
+            feed[i.name] = rng.standard_normal(shape).astype(np.float32)
+        else:
+            feed[i.name] = rng.integers(0, 100, shape).astype(np.int64)
+    return feed
+
+
+def bench_interleaved(runners: dict[str, Callable], feeds: dict[str, dict], warmup: int = 3,
+                      min_runs: int = 10, max_runs: int = 200, budget_s: float = 10.0) -> dict[str, LatencyStats]:
+    """Time every runner on its feed; rounds interleaved across runners. Stops at ``max_runs`` or when the
+    total time passes ``budget_s`` (but never before ``min_runs``)."""
+    for name, run in runners.items():
+        for _ in range(warmup):
+            run(feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    start = time.perf_counter()
+    for r in range(max_runs):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run(feeds[name])
+            times[name].append(time.perf_counter() - t0)
+        if r + 1 >= min_runs and time.perf_counter() - start > budget_s:
+            break
+    return {name: LatencyStats.of(t) for name, t in times.items()}
+
+
+def openvino_runner(model, threads: int = 2, config: dict | None = None) -> Callable:
+    """An OpenVINO CPU compiled model (from an ONNX/IR path or an ov.Model); ``run(feed)`` -> first output.
+    OpenVINO's defaults apply unless ``config`` overrides them (on AMX CPUs it runs FP32 models in BF16)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(model) if isinstance(model, (str, os.PathLike)) else model, "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **(config or {})})
+    request = compiled.create_infer_request()
+    out = compiled.outputs[0]
+
+    def run(feed: dict) -> np.ndarray:
+        return request.infer(list(feed.values()))[out]
+
+    return run

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+
+from smallify.examples.models import ResNet
+
+
+def small_resnet(seed: int = 0) -> torch.nn.Module:
+    """A seeded ResNet (two stages, residual blocks with a downsample) with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    m = ResNet((1, 1), (8, 16), in_channels=1, num_classes=10, stem="small").eval()
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return m
+
+
+@pytest.fixture(scope="session")
+def model():
+    return small_resnet()
+
+
+@pytest.fixture(scope="session")
+def calib():
+    return torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def float_onnx(tmp_path_factory, model, calib):
+    import smallify as sm
+
+    path = tmp_path_factory.mktemp("models") / "float.onnx"
+    sm.export_onnx(model, path, calib[:1])
+    return path
+
+
+@pytest.fixture(scope="session")
+def calib_npz(tmp_path_factory, calib):
+    path = tmp_path_factory.mktemp("data") / "calib.npz"
+    np.savez(path, input=calib.numpy())
+    return path

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch import nn
+
+import smallify as sm
+from smallify.errors import ConfigError, DataError, ModelError
+from smallify.quant.modules import ActQuant, QuantConv2d, QuantLinear
+from smallify.quant.primitives import sqnr_db
+from tests.conftest import small_resnet
+
+
+def test_quantizes_every_conv_and_linear_and_folds_batchnorm(model, calib):
+    q = sm.quantize(model, sm.Int8Static(), calib, progress=False)
+    rep = q.quant_report
+    assert len(rep.quantized) == 7 and rep.floating == {}          # stem, 2+2 block convs, downsample, fc
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert sum(isinstance(m, QuantConv2d) for m in q.modules()) == 6
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 1
+    assert rep.calibration_samples == 64
+
+
+def test_int8_output_is_close_to_float(model, calib):
+    q = sm.quantize(model, sm.Int8Static(), calib, progress=False)
+    x = torch.randn(128, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert sqnr_db(model(x), q(x)) > 30.0                       # INT8 W+A on a seeded ResNet
+
+
+def test_folded_model_matches_float_before_quantization(model, calib):
+    from smallify.quant.ptq import trace
+    with torch.no_grad():
+        assert torch.allclose(trace(model)(calib), model(calib), atol=1e-4)
+
+
+def test_activation_scales_come_from_the_calibration_range(model, calib):
+    q = sm.quantize(model, sm.Int8Static(), calib, progress=False)
+    x_quant = q.act_quant["x"]
+    lo, hi = calib.min().item(), calib.max().item()
+    assert x_quant.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert x_quant.zero_point.item() == round(-lo / ((hi - lo) / 255))
+
+
+def test_skip_by_pattern_keeps_layers_float_and_says_why(model, calib):
+    q = sm.quantize(model, sm.Int8Static(skip=("stem.*", "fc")), calib, progress=False)
+    assert q.quant_report.floating == {"stem.0": "skipped by pattern 'stem.*'", "fc": "skipped by pattern 'fc'"}
+    assert isinstance(q.get_submodule("stem.0"), nn.Conv2d) and not isinstance(q.get_submodule("stem.0"), QuantConv2d)
+
+
+class WithUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.up(torch.relu(self.conv(x))))
+
+
+def test_unsupported_layers_stay_float_and_are_listed():
+    torch.manual_seed(0)
+    m = WithUnsupported().eval()
+    x = torch.randn(8, 1, 8, 8)
+    q = sm.quantize(m, sm.Int8Static(), [x], progress=False)
+    assert q.quant_report.quantized == ["conv", "head"]
+    assert "ConvTranspose2d has no INT8 implementation" in q.quant_report.floating["up"]
+    with torch.no_grad():
+        assert sqnr_db(m(x), q(x)) > 30
+
+
+def test_bad_calibration_data(model):
+    with pytest.raises(DataError, match="empty"):
+        sm.quantize(model, sm.Int8Static(), [], progress=False)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        sm.quantize(model, sm.Int8Static(), torch.full((2, 1, 16, 16), float("nan")), progress=False)
+    with pytest.raises(DataError, match="shapes"):
+        sm.quantize(model, sm.Int8Static(), [torch.randn(2, 1, 16, 16), torch.randn(2, 1, 8, 8)], progress=False)
+
+
+def test_nan_weights_are_rejected(calib):
+    m = small_resnet()
+    with torch.no_grad():
+        m.fc.weight[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or Inf"):
+        sm.quantize(m, sm.Int8Static(), calib, progress=False)
+
+
+def test_untraceable_model_names_the_problem():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    with pytest.raises(ModelError, match="cannot trace Branchy"):
+        sm.quantize(Branchy(), sm.Int8Static(), torch.randn(2, 4), progress=False)
+
+
+def test_config_round_trip_and_validation():
+    c = sm.Int8Static(calibration="percentile", percentile=99.9, skip=("fc",))
+    d = c.to_dict()
+    assert d["kind"] == "int8_static" and d["schema_version"] == 1
+    assert sm.Int8Static.from_dict(d) == c
+    with pytest.raises(ConfigError, match="accepted: 'minmax', 'percentile'"):
+        sm.Int8Static(calibration="magic")
+    with pytest.raises(ConfigError, match="unknown Int8Static field"):
+        sm.Int8Static.from_dict({"bits": 3})
+    with pytest.raises(ConfigError, match="accepted: 'uint8', 'int8'"):
+        sm.Int8Static(activation_dtype="fp8")
