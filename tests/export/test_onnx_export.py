@@ -78,7 +78,7 @@ def test_weight_bytes_shrink_to_a_quarter(exported, float_onnx):
         return sum(len(i.raw_data) or len(i.SerializeToString()) for i in onnx.load(p).graph.initializer)
 
     # int8 weights + int32 biases + scales; the whole-file ratio on the real model is checked in test_demo
-    assert payload(path) < 0.32 * payload(float_onnx)
+    assert payload(path) < 0.32 * payload(float_onnx)   # 0.25 + per-channel scales of a 5k-weight model
 
 
 def test_unwritable_output_leaves_nothing(model, calib, tmp_path):

@@ -294,8 +294,7 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
                 bq = f"{bname}_quantized"
                 g.initializer.append(numpy_helper.from_array(qb, bq))
                 g.initializer.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{bq}_scale"))
-                g.initializer.append(numpy_helper.from_array(np.zeros_like(qb), f"{bq}_zero_point"))
-                nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bq}_scale", f"{bq}_zero_point"],
+                nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bq}_scale"],  # zero point: 0
                                               [f"{bname}_dequantized"], name=f"{bname}_DequantizeLinear",
                                               **({"axis": 0} if pc else {})))
                 node.input[b_idx] = f"{bname}_dequantized"
