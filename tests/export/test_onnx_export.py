@@ -49,6 +49,7 @@ def test_onnx_runtime_runs_integer_kernels(exported, tmp_path):
     ops = optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 6 and "QLinearAdd" in ops and "QGemm" in ops
     assert "Conv" not in ops and "FusedConv" not in ops     # no float convolution left
+    assert "QLinearGlobalAveragePool" in ops and "DequantizeLinear" not in ops   # integer from input to logits
 
 
 def test_onnx_output_matches_fake_quantized_pytorch(exported):

@@ -17,7 +17,7 @@ from torch import nn
 from smallify import onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
-from smallify.quant.onnx import fold_relu_into_quantize, quantize_weights
+from smallify.quant.onnx import fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
 
 
 class _ExportActQuant(nn.Module):
@@ -94,6 +94,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
     plain, weight_names = _float_twins(model) if quantized else (model, set())
     proto = to_onnx_proto(plain, example_inputs, dynamic_batch)
     if quantized:
+        reduce_mean_to_global_average_pool(proto)
         fold_relu_into_quantize(proto)
         done = quantize_weights(proto, weight_names, model.quant_config.per_channel)
         if len(done) != len(weight_names):

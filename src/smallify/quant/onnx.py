@@ -216,6 +216,37 @@ def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], si
     g.node.extend(nodes)
 
 
+def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+def reduce_mean_to_global_average_pool(model: onnx.ModelProto) -> int:
+    """Rewrite ReduceMean over the spatial axes of a 4-D tensor (keepdims) as GlobalAveragePool, which ONNX
+    Runtime runs on uint8 (QLinearGlobalAveragePool, channels-last) where ReduceMean would run in float.
+    PyTorch exports ``AdaptiveAvgPool2d(1)`` as that ReduceMean. Returns the count."""
+    consts = _constants(model)
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "ReduceMean" or _rank(model, n.input[0]) != 4:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(n.input) > 1 and n.input[1] in consts:
+            axes = consts[n.input[1]].tolist()
+        if attrs.get("keepdims", 1) != 1 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        n.op_type = "GlobalAveragePool"
+        del n.input[1:]
+        del n.attribute[:]
+        count += 1
+    if count:
+        _drop_unused_initializers(model)
+    return count
+
+
 def fold_relu_into_quantize(model: onnx.ModelProto) -> int:
     """Remove each Relu whose only consumers are QuantizeLinear nodes with zero point at the bottom of the range
     (0 for uint8, -128 for int8): the quantizer's clamp already does what the Relu does. Returns the count."""
@@ -327,6 +358,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
         onnx_io.check_writable(out)
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     model = preprocess(model)
+    reduce_mean_to_global_average_pool(model)
     if isinstance(data, (str, os.PathLike)):
         data = data_mod.load_npz(data)
     if isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):

@@ -1,0 +1,153 @@
+"""The command line: success paths and every kind of bad input (one line on stderr, non-zero exit, no output)."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from smallify.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_fails(result, *fragments):
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("smallify: error:") and len(err.splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_quantize_success(float_onnx, calib_npz, tmp_path):
+    out = tmp_path / "q.onnx"
+    r = run("quantize", float_onnx, "--calib", calib_npz, "--out", out, "--skip", "fc")
+    assert r.exit_code == 0, r.output
+    assert "6 layer(s) quantized, 1 left in float" in r.stdout and "float: fc (skipped by pattern 'fc')" in r.stdout
+    onnx.checker.check_model(onnx.load(out))
+
+
+def test_single_array_may_have_any_key(float_onnx, calib, tmp_path):
+    npz = tmp_path / "c.npz"
+    np.savez(npz, whatever=calib.numpy())
+    r = run("quantize", float_onnx, "--calib", npz, "--out", tmp_path / "q.onnx", "--per-tensor")
+    assert r.exit_code == 0, r.output
+
+
+def test_missing_model(tmp_path, calib_npz):
+    r = run("quantize", tmp_path / "nope.onnx", "--calib", calib_npz, "--out", tmp_path / "q.onnx")
+    assert_fails(r, "does not exist")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_not_an_onnx_file(tmp_path, calib_npz):
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"\x80\x04junk")
+    assert_fails(run("quantize", p, "--calib", calib_npz, "--out", tmp_path / "q.onnx"), "not an ONNX file")
+
+
+def test_corrupt_onnx(tmp_path, calib_npz, float_onnx):
+    p = tmp_path / "broken.onnx"
+    p.write_bytes(float_onnx.read_bytes()[:500])
+    r = run("quantize", p, "--calib", calib_npz, "--out", tmp_path / "q.onnx")
+    assert_fails(r, "not a valid ONNX model")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_calib_keys_do_not_match(float_onnx, calib, tmp_path):
+    npz = tmp_path / "c.npz"
+    np.savez(npz, a=calib.numpy(), b=calib.numpy())
+    assert_fails(run("quantize", float_onnx, "--calib", npz, "--out", tmp_path / "q.onnx"),
+                 "do not match the model inputs ['input']")
+
+
+def test_calib_shape_does_not_match(float_onnx, tmp_path):
+    npz = tmp_path / "c.npz"
+    np.savez(npz, input=np.zeros((4, 3, 16, 16), np.float32))
+    r = run("quantize", float_onnx, "--calib", npz, "--out", tmp_path / "q.onnx")
+    assert_fails(r, "has shape (4, 3, 16, 16)", "expects ('N', 1, 16, 16)")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_empty_calibration(float_onnx, tmp_path):
+    npz = tmp_path / "c.npz"
+    np.savez(npz, input=np.zeros((0, 1, 16, 16), np.float32))
+    assert_fails(run("quantize", float_onnx, "--calib", npz, "--out", tmp_path / "q.onnx"), "is empty")
+
+
+def test_missing_calibration_file(float_onnx, tmp_path):
+    assert_fails(run("quantize", float_onnx, "--calib", tmp_path / "none.npz", "--out", tmp_path / "q.onnx"),
+                 "does not exist")
+
+
+def test_nan_in_calibration(float_onnx, calib, tmp_path):
+    bad = calib.numpy().copy()
+    bad[3, 0, 0, 0] = np.nan
+    npz = tmp_path / "c.npz"
+    np.savez(npz, input=bad)
+    r = run("quantize", float_onnx, "--calib", npz, "--out", tmp_path / "q.onnx")
+    assert_fails(r, "NaN or Inf")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_nan_in_weights(float_onnx, calib_npz, tmp_path):
+    m = onnx.load(float_onnx)
+    w = next(i for i in m.graph.initializer if i.name.endswith("conv1.weight"))
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] = np.inf
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    bad = tmp_path / "nan.onnx"
+    onnx.save(m, bad)
+    assert_fails(run("quantize", bad, "--calib", calib_npz, "--out", tmp_path / "q.onnx"), "NaN or Inf")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_unwritable_output(float_onnx, calib_npz, tmp_path):
+    assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", tmp_path / "no" / "dir" / "q.onnx"),
+                 "does not exist")
+    assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", tmp_path), "is a directory")
+
+
+def test_bad_option_value(float_onnx, calib_npz, tmp_path):
+    assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", tmp_path / "q.onnx",
+                     "--calibration", "kl"), "accepted: 'minmax', 'percentile'")
+
+
+def test_unsupported_layers_are_listed_and_the_rest_quantized(tmp_path):
+    import torch
+
+    import smallify as sm
+    from tests.quant.test_ptq import WithUnsupported
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    sm.export_onnx(WithUnsupported().eval(), path, torch.randn(1, 1, 8, 8))
+    npz = tmp_path / "c.npz"
+    np.savez(npz, input=np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32))
+    r = run("quantize", path, "--calib", npz, "--out", tmp_path / "q.onnx")
+    assert r.exit_code == 0, r.output
+    assert "2 layer(s) quantized, 1 left in float" in r.stdout
+    assert "ConvTranspose has no INT8 implementation" in r.stdout
+
+
+def test_bench(float_onnx, tmp_path):
+    r = run("bench", float_onnx, float_onnx, "--budget", "0.2", "--batch", "1", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    assert "b1 median ms" in r.stdout and (tmp_path / "b.json").exists()
+
+
+def test_bench_missing_file(tmp_path):
+    assert_fails(run("bench", tmp_path / "x.onnx"), "does not exist")
+
+
+def test_real_entry_point_exit_status(tmp_path):
+    """The installed console script: exit status and stderr, as a shell sees them."""
+    exe = [sys.executable, "-m", "smallify.cli"]
+    p = subprocess.run(exe + ["quantize", str(tmp_path / "x.onnx"), "--calib", "c.npz", "--out", str(tmp_path / "o.onnx")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().startswith("smallify: error:") and p.stdout == ""
