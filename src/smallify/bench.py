@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,13 @@ def bench_onnx_files(paths: list[str], batches: list[int], threads: int = 2, bud
     return list(rows.values())
 
 
+def wide_console() -> Console:
+    """A console that does not squeeze tables when stdout is a file or a pipe (CI logs, README figures)."""
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
 def print_table(rows: list[Row], title: str, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     base = rows[0]
     batches = sorted({b for r in rows for b in r.latency_ms})
     metric_names = [m for m in dict.fromkeys(k for r in rows for k in r.metrics)]

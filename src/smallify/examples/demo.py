@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from smallify.bench import Row, print_table, write_json
+from smallify.bench import Row, print_table, wide_console, write_json
 from smallify.examples import fashion_mnist
 from smallify.examples.models import fmnist_resnet
 from smallify.measure.latency import bench_interleaved, ort_runner, torch_runner
@@ -51,7 +51,7 @@ def run_demo(out: str | os.PathLike = "out/demo", threads: int = 2, data=None, b
              console: Console | None = None) -> dict:
     import smallify as sm
 
-    console = console or Console()
+    console = console or wide_console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)

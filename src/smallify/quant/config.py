@@ -6,7 +6,7 @@ import dataclasses
 from smallify.config import Config, check_choice
 from smallify.errors import ConfigError
 
-CALIBRATIONS = ("minmax", "percentile")
+CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
 ACT_DTYPES = ("uint8", "int8")
 
 
@@ -15,7 +15,8 @@ class Int8Static(Config):
     """INT8 weights and activations, activations calibrated on data (static post-training quantization).
 
     Weights: symmetric INT8 (narrow range, zero point 0), per output channel unless ``per_channel=False``.
-    Activations: asymmetric per-tensor, ``activation_dtype`` 'uint8' (the default: x86 VNNI kernels take
+    Activations: asymmetric per-tensor, ranges by ``calibration``: 'minmax', 'percentile' (two-sided,
+    ``percentile`` % kept), 'entropy' (KL divergence, as TensorRT's calibrator) or 'mse' (least squared error); ``activation_dtype`` 'uint8' (the default: x86 VNNI kernels take
     unsigned activations with signed weights, several times faster in ONNX Runtime than int8 activations).
     ``skip``: fnmatch patterns of layer names left in float (e.g. ``("stem.*", "fc")``).
     """

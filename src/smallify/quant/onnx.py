@@ -172,7 +172,8 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    obs = {t: observers.make_observer(config.calibration, config.percentile, t) for t in tensors}
+    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
+    obs = {t: observers.make_observer(config.calibration, config.percentile, t, fmt) for t in tensors}
     names, samples = input_names(model), 0
     dtypes = {i.name: i.type for i in session.get_inputs()}
     for batch in track(data_mod.batches(data, names, _batch_size(model), config.max_calibration_samples),

@@ -101,16 +101,16 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
             gnodes.append(GNode(n.name, kind, [a.name for a in n.all_input_nodes if _is_tensor_node(a)],
                                 [n.name], quantize))
     placement = place(gnodes, outputs)
+    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
     for name in chosen:
         m = gm.get_submodule(name)
         twin = qmod.lookup(m)[1].from_float(m, per_channel=config.per_channel)
         parent, _, attr = name.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, twin)
-    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
     gm.add_module("act_quant", nn.ModuleDict())
     by_name = {n.name: n for n in gm.graph.nodes}
     for t in placement.tensors():
-        obs = None if t in placement.shared else observers.make_observer(config.calibration, config.percentile, t)
+        obs = None if t in placement.shared else observers.make_observer(config.calibration, config.percentile, t, fmt)
         gm.act_quant[t] = qmod.ActQuant(fmt, obs, t)
         node = by_name[t]
         with gm.graph.inserting_after(node):
