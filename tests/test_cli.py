@@ -141,6 +141,16 @@ def test_bench(float_onnx, tmp_path):
     assert "b1 median ms" in r.stdout and (tmp_path / "b.json").exists()
 
 
+def test_bench_both_runtimes(float_onnx, tmp_path):
+    r = run("bench", float_onnx, "--budget", "0.2", "--batch", "2", "--runtime", "onnxruntime", "--runtime", "openvino")
+    assert r.exit_code == 0, r.output
+    assert "float.onnx [onnxruntime]" in r.stdout and "float.onnx [openvino]" in r.stdout
+
+
+def test_bench_unknown_runtime(float_onnx):
+    assert_fails(run("bench", float_onnx, "--runtime", "tensorrt"), "accepted: onnxruntime, openvino")
+
+
 def test_bench_missing_file(tmp_path):
     assert_fails(run("bench", tmp_path / "x.onnx"), "does not exist")
 

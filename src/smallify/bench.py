@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from smallify import onnx_io
-from smallify.measure.latency import bench_interleaved, ort_runner, random_feed
+from smallify.measure.latency import bench_interleaved, openvino_runner, ort_runner, random_feed
 from smallify.measure.size import file_size, format_bytes
 
 
@@ -23,20 +24,37 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)                 # e.g. top1
 
 
-def bench_onnx_files(paths: list[str], batches: list[int], threads: int = 2, budget_s: float = 10.0) -> list[Row]:
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def bench_onnx_files(paths: list[str], batches: list[int], threads: int = 2, budget_s: float = 10.0,
+                     runtimes: tuple[str, ...] = ("onnxruntime",)) -> list[Row]:
+    """Every model in every runtime, all timed in one interleaved loop per batch size."""
+    from smallify.errors import ConfigError
+
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad or not runtimes:
+        raise ConfigError(f"runtime {bad or runtimes!r} is not supported; accepted: {', '.join(RUNTIMES)}")
     for p in paths:
         onnx_io.load(p)  # clear errors for missing / corrupt files
-    runners, inputs = {}, None
+    runners, rows, inputs = {}, {}, None
     for p in paths:
-        run, ins = ort_runner(p, threads)
-        runners[p] = run
-        inputs = inputs or ins
-    rows = {p: Row(os.path.basename(p), file_size(p)) for p in paths}
+        for rt in runtimes:
+            key = f"{os.path.basename(p)} [{rt}]" if len(runtimes) > 1 else os.path.basename(p)
+            if rt == "onnxruntime":
+                run, ins = ort_runner(p, threads)
+                inputs = inputs or ins
+            else:
+                run = openvino_runner(p, threads)
+            runners[key] = run
+            rows[key] = Row(key, file_size(p))
+    if inputs is None:
+        inputs = ort_runner(paths[0], threads)[1]
     for b in batches:
         feed = random_feed(inputs, b)
-        stats = bench_interleaved(runners, {p: feed for p in paths}, budget_s=budget_s)
-        for p, s in stats.items():
-            rows[p].latency_ms[b] = {"median": s.median_ms, "p90": s.p90_ms}
+        stats = bench_interleaved(runners, {k: feed for k in runners}, budget_s=budget_s)
+        for k, s in stats.items():
+            rows[k].latency_ms[b] = {"median": s.median_ms, "p90": s.p90_ms}
     return list(rows.values())
 
 
@@ -70,7 +88,7 @@ def print_table(rows: list[Row], title: str, console: Console | None = None) -> 
             lat, ref = r.latency_ms.get(b), base.latency_ms.get(b)
             cells += [f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{lat['median'] / ref['median']:.2f}"] if lat and ref \
                 else ["", "", ""]
-        t.add_row(*cells)
+        t.add_row(*[escape(c) for c in cells])   # names like 'model.onnx [openvino]' are not markup
     console.print(t)
 
 

@@ -53,15 +53,17 @@ def bench(
     batch: list[int] = typer.Option([1, 32], "--batch", help="batch sizes to time; repeatable"),
     budget: float = typer.Option(10.0, "--budget", help="seconds of timing per batch size"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON"),
+    runtime: list[str] = typer.Option(["onnxruntime"], "--runtime",
+                                      help="onnxruntime | openvino; repeat to time both side by side"),
 ):
     """Size on disk and latency (median, p90) of ONNX models, interleaved in one run."""
     from smallify.bench import bench_onnx_files, print_table, write_json
 
     try:
-        rows = bench_onnx_files([str(m) for m in models], batch, threads, budget)
+        rows = bench_onnx_files([str(m) for m in models], batch, threads, budget, tuple(runtime))
     except SmallifyError as e:
         _fail(str(e))
-    print_table(rows, f"ONNX Runtime CPU, {threads} thread(s)")
+    print_table(rows, f"{' + '.join(runtime)} CPU, {threads} thread(s); ratios to the first row")
     if json_out:
         write_json(rows, json_out)
 
