@@ -62,7 +62,8 @@ def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, opset: int = 20) -> onnx.ModelProto:
+def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, opset: int = 20,
+                  input_names: list[str] | None = None) -> onnx.ModelProto:
     """torch.onnx (dynamo) export to an in-memory ModelProto, batch axis dynamic."""
     inputs = tuple(x.expand(2, *x.shape[1:]).contiguous() if dynamic_batch and x.shape[0] == 1 else x
                    for x in _as_tuple(example_inputs))
@@ -75,8 +76,9 @@ def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, 
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(model.eval(), inputs, path, dynamo=True, opset_version=opset,
-                          dynamic_shapes=dynamic, input_names=["input" if len(inputs) == 1 else f"input_{i}"
-                                                               for i in range(len(inputs))],
+                          dynamic_shapes=dynamic,
+                          input_names=input_names or ["input" if len(inputs) == 1 else f"input_{i}"
+                                                      for i in range(len(inputs))],
                           output_names=["output"], external_data=False, verbose=False,
                           custom_translation_table=ops.TRANSLATIONS)
         proto = onnx.load(path)
@@ -86,13 +88,15 @@ def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, 
     return proto
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynamic_batch: bool = True) -> Path:
-    """Write ``model`` as ONNX. A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynamic_batch: bool = True,
+                input_names: list[str] | None = None) -> Path:
+    """Write ``model`` as ONNX (inputs named ``input_names``; default 'input', or 'input_0', 'input_1', ...).
+    A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
     int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
     onnx_io.check_writable(path)
     quantized = hasattr(model, "quant_config")
     plain, weight_names = _float_twins(model) if quantized else (model, set())
-    proto = to_onnx_proto(plain, example_inputs, dynamic_batch)
+    proto = to_onnx_proto(plain, example_inputs, dynamic_batch, input_names=input_names)
     if quantized:
         reduce_mean_to_global_average_pool(proto)
         fold_relu_into_quantize(proto)

@@ -5,6 +5,7 @@ import dataclasses
 
 from smallify.config import Config, check_choice
 from smallify.errors import ConfigError
+from smallify.quant.placement import SCHEMES
 
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
 ACT_DTYPES = ("uint8", "int8")
@@ -18,6 +19,8 @@ class Int8Static(Config):
     Activations: asymmetric per-tensor, ranges by ``calibration``: 'minmax', 'percentile' (two-sided,
     ``percentile`` % kept), 'entropy' (KL divergence, as TensorRT's calibrator) or 'mse' (least squared error); ``activation_dtype`` 'uint8' (the default: x86 VNNI kernels take
     unsigned activations with signed weights, several times faster in ONNX Runtime than int8 activations).
+    ``scheme``: where activations are quantized: 'cnn' (integer chains through Conv/Add/pool), 'transformer'
+    (inputs of MatMul/Gemm only), or 'auto' (transformer when the graph holds LayerNorm/Softmax).
     ``skip``: fnmatch patterns of layer names left in float (e.g. ``("stem.*", "fc")``).
     """
 
@@ -28,8 +31,10 @@ class Int8Static(Config):
     activation_dtype: str = "uint8"
     skip: tuple[str, ...] = ()
     max_calibration_samples: int | None = None
+    scheme: str = "auto"
 
     def __post_init__(self):
+        check_choice("scheme", self.scheme, SCHEMES)
         check_choice("calibration", self.calibration, CALIBRATIONS)
         check_choice("activation_dtype", self.activation_dtype, ACT_DTYPES)
         if not 50.0 < float(self.percentile) <= 100.0:

@@ -27,11 +27,11 @@ from smallify.errors import DataError, ModelError
 from smallify.progress import track
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
-from smallify.quant.placement import GNode, place
+from smallify.quant.placement import GNode, choose_scheme, place
 from smallify.quant.primitives import INT8_ACT, INT8_WEIGHT, UINT8_ACT, compute_qparams, quantize, weight_qparams
 from smallify.quant.report import LayerReport, QuantReport
 
-_KINDS = {"Relu": "relu", "Add": "add", "MaxPool": "maxpool", "GlobalAveragePool": "avgpool",
+_KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add", "MaxPool": "maxpool", "GlobalAveragePool": "avgpool",
           "AveragePool": "avgpool", "Flatten": "flatten", "Reshape": "reshape", "Transpose": "transpose",
           "Squeeze": "squeeze", "Unsqueeze": "unsqueeze", "Identity": "identity", "ReduceMean": "avgpool"}
 _WEIGHT_OPS = {"Conv": "conv", "Gemm": "linear", "MatMul": "matmul"}
@@ -99,7 +99,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
                 reports.append(LayerReport(name, node.op_type, "float", "weight is not a constant initializer"))
                 kind = "other"
             elif w is None:
-                kind = "other"  # activation x activation MatMul: left in float at this level
+                kind = "matmul"  # activation x activation (attention): both operands quantized
             else:
                 kind = _WEIGHT_OPS[node.op_type]
                 wname = node.input[w]
@@ -305,7 +305,7 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
             axis = 0 if trans_b else 1
         elif node.op_type == "MatMul":
             axis = 1
-        pc = per_channel and node.op_type != "MatMul"
+        pc = per_channel
         scale, zero = weight_qparams(w, INT8_WEIGHT, pc, axis)
         q = quantize(w, scale, zero, INT8_WEIGHT, axis if pc else None).to(torch.int8)
         qname = f"{wname}_quantized"
@@ -365,7 +365,8 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     if isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
         data = check_calibration_inputs(model, dict(data))
     gnodes, outputs, reports = graph_view(model, config)
-    placement = place(gnodes, outputs)
+    scheme = choose_scheme(gnodes, config.scheme)
+    placement = place(gnodes, outputs, scheme)
     start = time.perf_counter()
     obs, samples = calibrate(model, placement.calibrated, data, config, progress)
     fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
@@ -381,7 +382,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     quantize_weights(model, {r.name for r in reports if r.status == "quantized"}, config.per_channel)
     model.producer_name = "smallify"
     onnx.checker.check_model(model)
-    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed)
+    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme)
     if out is not None:
         onnx_io.save(model, out)
     return model, report

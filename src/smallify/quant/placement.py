@@ -36,8 +36,34 @@ class Placement:
         return self.calibrated + list(self.shared)
 
 
-def place(nodes: list[GNode], graph_outputs: set[str]) -> Placement:
-    """Choose the tensors to quantize. ``nodes`` must be in topological order."""
+TRANSFORMER_MARKERS = {"layernorm", "softmax"}
+SCHEMES = ("auto", "cnn", "transformer")
+
+
+def choose_scheme(nodes: list[GNode], scheme: str = "auto") -> str:
+    """'transformer' when the graph holds LayerNorm or Softmax, else 'cnn' (unless the user chose)."""
+    if scheme != "auto":
+        return scheme
+    return "transformer" if any(n.kind in TRANSFORMER_MARKERS for n in nodes) else "cnn"
+
+
+def place(nodes: list[GNode], graph_outputs: set[str], scheme: str = "cnn") -> Placement:
+    """Choose the tensors to quantize. ``nodes`` must be in topological order.
+
+    'cnn': integer chains (inputs and outputs of Conv/Gemm/Add/pool quantized, ReLU absorbed), which ONNX
+    Runtime fuses into QLinearConv/QLinearAdd. 'transformer': only the inputs of MatMul/Gemm (weights and
+    both operands of attention's activation x activation products); residual adds, LayerNorm, Softmax and
+    GELU stay in float, where their range and precision matter (the scheme NNCF and OpenVINO use).
+    """
+    if scheme == "transformer":
+        p = Placement()
+        for n in nodes:
+            if n.kind in COMPUTE and n.quantize:
+                for t in n.inputs:
+                    if t not in p.calibrated and t not in graph_outputs:
+                        p.calibrated.append(t)
+                p.quantized_nodes.append(n.name)
+        return p
     consumers: dict[str, list[GNode]] = {}
     for n in nodes:
         for t in n.inputs:

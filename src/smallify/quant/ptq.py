@@ -21,17 +21,18 @@ from smallify.errors import ModelError
 from smallify.quant import modules as qmod
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
-from smallify.quant.placement import GNode, place
+from smallify.quant.placement import GNode, choose_scheme, place
 from smallify.quant.primitives import INT8_ACT, UINT8_ACT
 from smallify.quant.report import LayerReport, QuantReport
 from smallify.progress import track
 
-_MODULE_KINDS = {nn.ReLU: "relu", nn.MaxPool2d: "maxpool", nn.AdaptiveAvgPool2d: "avgpool", nn.AvgPool2d: "avgpool",
+_MODULE_KINDS = {nn.LayerNorm: "layernorm", nn.Softmax: "softmax", nn.ReLU: "relu", nn.MaxPool2d: "maxpool", nn.AdaptiveAvgPool2d: "avgpool", nn.AvgPool2d: "avgpool",
                  nn.Flatten: "flatten", nn.Identity: "identity", nn.Dropout: "identity"}
 _FUNCTION_KINDS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.relu: "relu",
                    F.relu: "relu", F.max_pool2d: "maxpool", F.adaptive_avg_pool2d: "avgpool",
-                   F.avg_pool2d: "avgpool", torch.reshape: "reshape"}
-_METHOD_KINDS = {"relu": "relu", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "add": "add"}
+                   F.avg_pool2d: "avgpool", torch.reshape: "reshape", F.layer_norm: "layernorm",
+                   F.softmax: "softmax", torch.softmax: "softmax", torch.matmul: "matmul", torch.bmm: "matmul"}
+_METHOD_KINDS = {"softmax": "softmax", "matmul": "matmul", "relu": "relu", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "add": "add"}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -100,7 +101,8 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
             quantize = not (n.op == "call_module" and kind in ("conv", "linear") and n.target not in chosen)
             gnodes.append(GNode(n.name, kind, [a.name for a in n.all_input_nodes if _is_tensor_node(a)],
                                 [n.name], quantize))
-    placement = place(gnodes, outputs)
+    scheme = choose_scheme(gnodes, config.scheme)
+    placement = place(gnodes, outputs, scheme)
     fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
     for name in chosen:
         m = gm.get_submodule(name)
@@ -131,5 +133,5 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
         gm.act_quant[t].set_qparams(gm.act_quant[src].scale, gm.act_quant[src].zero_point)
     gm.quant_config = config
     gm.quant_report = QuantReport(config.to_dict(), reports, len(placement.tensors()), samples,
-                                  time.perf_counter() - start)
+                                  time.perf_counter() - start, scheme)
     return gm.eval()

@@ -19,6 +19,7 @@ class QuantReport:
     activations: int = 0          # activation tensors quantized
     calibration_samples: int = 0
     calibration_seconds: float = 0.0
+    scheme: str = "cnn"           # the placement used ('cnn' or 'transformer'), chosen from the graph when 'auto'
 
     @property
     def quantized(self) -> list[str]:
@@ -32,7 +33,7 @@ class QuantReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"{len(self.quantized)} layer(s) quantized, {len(self.floating)} left in float; "
+        lines = [f"scheme: {self.scheme}; {len(self.quantized)} layer(s) quantized, {len(self.floating)} left in float; "
                  f"{self.activations} activation tensor(s) quantized; calibrated on {self.calibration_samples} "
                  f"sample(s) in {self.calibration_seconds:.1f} s"]
         lines += [f"  float: {name} ({reason})" for name, reason in self.floating.items()]
