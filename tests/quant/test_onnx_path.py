@@ -26,10 +26,10 @@ def test_same_numerics_as_the_pytorch_path(float_onnx, calib, model):
     res = sm.quantize(str(float_onnx), sm.Int8Static(), {"input": calib.numpy()}, progress=False)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer}
     q = sm.quantize(model, sm.Int8Static(), calib, progress=False)
-    assert float(inits["input_scale"]) == pytest.approx(q.act_quant["x"].scale.item(), rel=1e-7)
-    assert int(inits["input_zero_point"]) == q.act_quant["x"].zero_point.item()
+    assert float(inits["input:s"]) == pytest.approx(q.act_quant["x"].scale.item(), rel=1e-7)
+    assert int(inits["input:zp"]) == q.act_quant["x"].zero_point.item()
     # per-channel weight scales of the first convolution (BatchNorm folded on both paths)
-    w_scale = next(v for k, v in inits.items() if k.endswith("weight_quantized_scale") and v.shape == (8,))
+    w_scale = next(v for k, v in inits.items() if k.endswith("weight:s") and v.shape == (8,))
     assert np.allclose(w_scale, q.get_submodule("stem.0").weight_scale.numpy(), rtol=1e-4)
 
 
@@ -40,5 +40,5 @@ def test_skip_and_per_tensor(float_onnx, calib):
     g = res.model.graph
     gemm = next(n for n in g.node if n.op_type == "Gemm")
     assert gemm.input[1] == "fc.weight"                         # float weight kept
-    scales = [i for i in g.initializer if i.name.endswith("weight_quantized_scale")]
+    scales = [i for i in g.initializer if i.name.endswith("weight:s")]
     assert scales and all(len(i.dims) == 0 for i in scales)     # one scale per layer

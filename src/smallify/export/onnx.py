@@ -17,7 +17,7 @@ from torch import nn
 from smallify import onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
-from smallify.quant.onnx import fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
+from smallify.quant.onnx import compact, fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
 
 
 class _ExportActQuant(nn.Module):
@@ -84,7 +84,7 @@ def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, 
         proto = onnx.load(path)
     for node in proto.graph.node:   # the exporter's per-node stack traces: debugging data, often most of the file
         del node.metadata_props[:]
-        node.doc_string = ""
+        node.ClearField("doc_string")
     return proto
 
 
@@ -104,5 +104,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
         if len(done) != len(weight_names):
             raise RuntimeError(f"internal: {len(weight_names)} quantized layers but {len(done)} found in the ONNX graph")
         proto.producer_name = "smallify"
+        compact(proto)
     onnx.checker.check_model(proto)
     return onnx_io.save(proto, path)

