@@ -61,21 +61,30 @@ def random_feed(inputs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return feed
 
 
-def bench_interleaved(runners: dict[str, Callable], feeds: dict[str, dict], warmup: int = 3,
-                      min_runs: int = 10, max_runs: int = 200, budget_s: float = 10.0) -> dict[str, LatencyStats]:
-    """Time every runner on its feed; rounds interleaved across runners. Stops at ``max_runs`` or when the
-    total time passes ``budget_s`` (but never before ``min_runs``)."""
-    for name, run in runners.items():
-        for _ in range(warmup):
-            run(feeds[name])
+def bench_interleaved(runners: dict[str, Callable], feeds: dict[str, dict], warmup: int = 2,
+                      min_runs: int = 10, max_runs: int = 400, budget_s: float = 10.0,
+                      block_s: float = 0.3) -> dict[str, LatencyStats]:
+    """Time every runner on its feed, in rounds: each round gives every runner one block (``warmup`` untimed
+    calls, then timed calls for ``block_s``). Blocks rather than single calls, because runtimes' worker threads
+    spin for a while after a call and would steal the cores from whichever runner comes next. Stops after
+    ``budget_s`` once every runner has ``min_runs`` timed calls, or at ``max_runs``."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     start = time.perf_counter()
-    for r in range(max_runs):
+    while True:
         for name, run in runners.items():
-            t0 = time.perf_counter()
-            run(feeds[name])
-            times[name].append(time.perf_counter() - t0)
-        if r + 1 >= min_runs and time.perf_counter() - start > budget_s:
+            feed = feeds[name]
+            for _ in range(warmup):
+                run(feed)
+            block = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                run(feed)
+                t1 = time.perf_counter()
+                times[name].append(t1 - t0)
+                if t1 - block >= block_s or len(times[name]) >= max_runs:
+                    break
+        enough = min(len(t) for t in times.values()) >= min_runs
+        if (enough and time.perf_counter() - start > budget_s) or all(len(t) >= max_runs for t in times.values()):
             break
     return {name: LatencyStats.of(t) for name, t in times.items()}
 
