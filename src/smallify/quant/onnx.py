@@ -189,9 +189,13 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
     return obs, samples
 
 
-def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], signed: bool) -> None:
-    """Insert QuantizeLinear -> DequantizeLinear after each tensor in ``qparams`` and rewire its consumers."""
+def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], signed: bool,
+               only_for: dict[str, set[str]] | None = None) -> None:
+    """Insert QuantizeLinear -> DequantizeLinear after each tensor in ``qparams`` and rewire its consumers
+    (only those named in ``only_for[tensor]``, by layer name, when given)."""
     g = model.graph
+    consts = _constants(model)
+    only_for = only_for or {}
     zdtype = TensorProto.INT8 if signed else TensorProto.UINT8
     inserted: dict[str, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
@@ -207,7 +211,7 @@ def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], si
         nodes += inserted.get(t, [])
     for node in g.node:
         for i, t in enumerate(node.input):
-            if t in rename:
+            if t in rename and (t not in only_for or _layer_name(node, consts) in only_for[t]):
                 node.input[i] = rename[t]
         nodes.append(node)
         for o in node.output:
@@ -387,6 +391,7 @@ def compact(model: onnx.ModelProto) -> None:
             if t and t not in keep_names:
                 rename[t] = n.output[i] = f"t{len(rename)}"
     del g.value_info[:]
+    del g.metadata_props[:]   # the exporter's graph-level debugging records
     _drop_unused_initializers(model)
 
 
@@ -425,7 +430,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     for t, src in placement.shared.items():
         qparams[t] = qparams[src]
     elapsed = time.perf_counter() - start
-    insert_qdq(model, qparams, fmt.signed)
+    insert_qdq(model, qparams, fmt.signed, placement.only_for)
     fold_relu_into_quantize(model)
     quantize_weights(model, {r.name for r in reports if r.status == "quantized"}, config.per_channel)
     model.producer_name = "smallify"

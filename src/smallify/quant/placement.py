@@ -31,6 +31,7 @@ class Placement:
     shared: dict[str, str] = field(default_factory=dict)      # tensor -> tensor whose parameters it reuses
     absorbed_relus: list[str] = field(default_factory=list)   # ReLU node names folded into the quantizer
     quantized_nodes: list[str] = field(default_factory=list)  # compute / integer nodes that run in INT8
+    only_for: dict[str, set[str]] = field(default_factory=dict)  # tensor -> the only consumers that read it quantized
 
     def tensors(self) -> list[str]:
         return self.calibrated + list(self.shared)
@@ -62,6 +63,7 @@ def place(nodes: list[GNode], graph_outputs: set[str], scheme: str = "cnn") -> P
                 for t in n.inputs:
                     if t not in p.calibrated and t not in graph_outputs:
                         p.calibrated.append(t)
+                    p.only_for.setdefault(t, set()).add(n.name)
                 p.quantized_nodes.append(n.name)
         return p
     consumers: dict[str, list[GNode]] = {}

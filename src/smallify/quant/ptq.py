@@ -117,7 +117,8 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
         node = by_name[t]
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(f"act_quant.{t}", (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+        readers = placement.only_for.get(t)
+        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q and (readers is None or u.name in readers))
     gm.graph.lint()
     gm.recompile()
 
