@@ -25,7 +25,10 @@ def quantize(
     out: Path = typer.Option(..., "--out", help="where to write the INT8 QDQ ONNX model"),
     skip: list[str] = typer.Option([], "--skip", help="layer name pattern (fnmatch) to keep in float; repeatable"),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="one weight scale per layer instead of per channel"),
-    calibration: str = typer.Option("minmax", "--calibration", help="activation range: minmax | percentile"),
+    calibration: str = typer.Option("minmax", "--calibration",
+                                    help="activation range: minmax | percentile | entropy | mse"),
+    scheme: str = typer.Option("auto", "--scheme",
+                               help="auto | cnn (integer chains) | transformer (MatMul inputs only)"),
     percentile: float = typer.Option(99.99, "--percentile", help="with --calibration percentile"),
     activation_dtype: str = typer.Option("uint8", "--activation-dtype", help="uint8 (fast on x86) | int8"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="calibrate on at most this many samples"),
@@ -36,7 +39,8 @@ def quantize(
 
     try:
         config = Int8Static(calibration=calibration, percentile=percentile, per_channel=not per_tensor,
-                            activation_dtype=activation_dtype, skip=tuple(skip), max_calibration_samples=max_samples)
+                            activation_dtype=activation_dtype, skip=tuple(skip), max_calibration_samples=max_samples,
+                            scheme=scheme)
         result = quantize_verb(str(input), config, str(calib), out=str(out), progress=sys.stderr.isatty())
     except SmallifyError as e:
         _fail(str(e))
