@@ -1,6 +1,7 @@
 """The transformer scheme on a tiny random BERT (built offline from a config): only MatMul/Gemm inputs are
 quantized, LayerNorm/Softmax/residual adds stay float, and the embeddings stay close to float."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -14,7 +15,7 @@ def tiny_bert_onnx(tmp_path_factory):
     from smallify.examples.minilm import SentenceEmbedder
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = transformers.BertConfig(vocab_size=1200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, max_position_embeddings=64)
     model = SentenceEmbedder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
     rng = np.random.default_rng(0)
@@ -33,7 +34,8 @@ def test_auto_scheme_picks_transformer_and_stays_close(tiny_bert_onnx, tmp_path)
     test = {k: v[64:] for k, v in data.items()}
     res = sm.quantize(str(path), sm.Int8Static(), calib, out=tmp_path / "q.onnx", progress=False)
     assert res.report.scheme == "transformer"
-    assert len(res.report.quantized) == 12                  # 2 layers x (q, k, v, out, ffn in, ffn out)
+    assert len(res.report.quantized) == 12 + 1              # 2 layers x (q, k, v, out, ffn in, ffn out) + word table
+    assert [l.op for l in res.report.layers if "embedding" in l.reason] == ["Gather"]
     ops = [n.op_type for n in res.model.graph.node]
     assert ops.count("LayerNormalization") >= 4 and "Softmax" in ops
     # every quantized activation feeds only MatMul / Gemm: adds, LayerNorm, Softmax and GELU see float
@@ -50,3 +52,21 @@ def test_auto_scheme_picks_transformer_and_stays_close(tiny_bert_onnx, tmp_path)
         want = model(*(torch.from_numpy(test[k]) for k in ("input_ids", "attention_mask"))).numpy()
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.mean() > 0.995, cos.mean()
+
+
+def test_smoothing_is_exact_in_float(tiny_bert_onnx):
+    from smallify.quant.onnx import preprocess
+    from smallify.quant.smooth import smooth_onnx
+
+    path, _, data = tiny_bert_onnx
+    model = preprocess(onnx.load(path))
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data)[0]
+    assert smooth_onnx(model, data, sm.Int8Static(), 0.8, progress=False) == 8   # per layer: qkv input, out, ffn in/out
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data)[0]
+    assert np.abs(after - before).max() < 1e-5
+
+
+def test_smooth_quant_validation():
+    with pytest.raises(sm.ConfigError, match="migration strength"):
+        sm.Int8Static(smooth_quant=1.5)
+    assert sm.Int8Static(smooth_quant=None).smooth_quant is None

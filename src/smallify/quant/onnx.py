@@ -159,8 +159,10 @@ def _batch_size(model: onnx.ModelProto) -> int:
     return first[0].dim_value if first and first[0].HasField("dim_value") else 32
 
 
-def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Static, progress: bool = True) -> tuple[dict, int]:
-    """Run ONNX Runtime on ``data`` and observe every tensor in ``tensors``; returns observers and sample count."""
+def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Static, progress: bool = True,
+              make_observer=None, what: str = "calibrating") -> tuple[dict, int]:
+    """Run ONNX Runtime on ``data`` and observe every tensor in ``tensors``; returns observers and sample count.
+    ``make_observer(tensor)`` overrides the config's activation observer."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -173,11 +175,12 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
-    obs = {t: observers.make_observer(config.calibration, config.percentile, t, fmt) for t in tensors}
+    make_observer = make_observer or (lambda t: observers.make_observer(config.calibration, config.percentile, t, fmt))
+    obs = {t: make_observer(t) for t in tensors}
     names, samples = input_names(model), 0
     dtypes = {i.name: i.type for i in session.get_inputs()}
     for batch in track(data_mod.batches(data, names, _batch_size(model), config.max_calibration_samples),
-                       "calibrating", progress):
+                       what, progress):
         feed = {k: v.numpy().astype(np.float32) if "float" in dtypes[k] else v.numpy() for k, v in batch.items()}
         try:
             outs = session.run(tensors, feed)
@@ -395,6 +398,37 @@ def compact(model: onnx.ModelProto) -> None:
     _drop_unused_initializers(model)
 
 
+def quantize_embeddings(model: onnx.ModelProto, min_elements: int = 1 << 16) -> list[str]:
+    """Weight-only INT8 for embedding tables (Gather from a constant 2-D float table of at least ``min_elements``):
+    symmetric per row, looked up as integers and scaled after the lookup, so no runtime ever dequantizes the
+    whole table: Gather(int8 table, ids) -> Cast -> Mul(Gather(row scales, ids)). Returns the tables' names."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    done, nodes = [], []
+    for n in g.node:
+        table = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if table is None or axis != 0 or len(table.dims) != 2 or table.data_type != TensorProto.FLOAT \
+                or table.dims[0] * table.dims[1] < min_elements:
+            nodes.append(n)
+            continue
+        w = torch.from_numpy(numpy_helper.to_array(table).astype(np.float32))
+        scale, zero = weight_qparams(w, INT8_WEIGHT, per_channel=True, axis=0)
+        q = quantize(w, scale, zero, INT8_WEIGHT, 0).to(torch.int8)
+        name, out = table.name, n.output[0]
+        g.initializer.append(numpy_helper.from_array(q.numpy(), f"{name}:q"))
+        g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32)[:, None], f"{name}:s"))
+        nodes += [helper.make_node("Gather", [f"{name}:q", n.input[1]], [f"{out}:q"], axis=0),
+                  helper.make_node("Cast", [f"{out}:q"], [f"{out}:int"], to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [f"{name}:s", n.input[1]], [f"{out}:s"], axis=0),
+                  helper.make_node("Mul", [f"{out}:int", f"{out}:s"], [out])]
+        done.append(name)
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_unused_initializers(model)
+    return done
+
+
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
@@ -419,6 +453,12 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
         data = check_calibration_inputs(model, dict(data))
     gnodes, outputs, reports = graph_view(model, config)
     scheme = choose_scheme(gnodes, config.scheme)
+    alpha = (0.8 if scheme == "transformer" else None) if config.smooth_quant == "auto" else config.smooth_quant
+    if alpha is not None:
+        from smallify.quant.smooth import smooth_onnx
+
+        smooth_onnx(model, data, config, alpha, progress)
+        gnodes, outputs, reports = graph_view(model, config)
     placement = place(gnodes, outputs, scheme)
     start = time.perf_counter()
     obs, samples = calibrate(model, placement.calibrated, data, config, progress)
@@ -433,6 +473,8 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     insert_qdq(model, qparams, fmt.signed, placement.only_for)
     fold_relu_into_quantize(model)
     quantize_weights(model, {r.name for r in reports if r.status == "quantized"}, config.per_channel)
+    for table in quantize_embeddings(model):
+        reports.append(LayerReport(table, "Gather", "quantized", "embedding table: weight-only int8 per row"))
     model.producer_name = "smallify"
     compact(model)
     onnx.checker.check_model(model)
