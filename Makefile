@@ -34,3 +34,4 @@ test-fast: setup data
 
 bench: setup data
 	$(BIN)/python benchmarks/ptq_cnn.py
+	$(BIN)/python benchmarks/ptq_minilm.py
