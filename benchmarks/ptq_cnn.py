@@ -86,7 +86,7 @@ def ir_size(xml: Path) -> int:
 
 
 def run_case(title: str, model: torch.nn.Module, calib: np.ndarray, work: Path, threads: int, budget: float,
-             test: tuple[np.ndarray, np.ndarray] | None, batches=(1, 32)) -> list[Row]:
+             test: tuple[np.ndarray, np.ndarray] | None, batches=(1, 32), min_runs: int = 20) -> list[Row]:
     example = torch.from_numpy(calib[:1])
     fp32 = work / "fp32.onnx"
     sm.export_onnx(model, fp32, example)
@@ -139,7 +139,7 @@ def run_case(title: str, model: torch.nn.Module, calib: np.ndarray, work: Path, 
             rows[name].metrics["top1"] = top1(run, xte, yte)
     for b in batches:
         feed = {"input": np.repeat(calib[:1], b, 0) if len(calib) < b else calib[:b]}
-        stats = bench_interleaved(runners, {n: feed for n in runners}, budget_s=budget)
+        stats = bench_interleaved(runners, {n: feed for n in runners}, budget_s=budget, min_runs=min_runs)
         for name, st in stats.items():
             rows[name].latency_ms[b] = {"median": st.median_ms, "p90": st.p90_ms}
     table = list(rows.values())
@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=12.0, help="seconds of interleaved timing per batch size")
     ap.add_argument("--only", choices=["fmnist", "resnet18"], default=None)
+    ap.add_argument("--min-runs", type=int, default=20, help="timed calls per model and batch size, at least")
     ap.add_argument("--json", default="out/bench/ptq_cnn.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -163,7 +164,7 @@ def main(argv=None) -> None:
             xte, yte = fashion_mnist.load("test")
             rows = run_case("(a) Fashion-MNIST ResNet, 10,000 test images, 512 calibration images",
                             pretrained_fmnist_resnet(), calibration_images(512), work, args.threads, args.budget,
-                            (fashion_mnist.normalize(xte), yte))
+                            (fashion_mnist.normalize(xte), yte), min_runs=args.min_runs)
             results["fmnist"] = [r.__dict__ for r in rows]
         if args.only in (None, "resnet18"):
             work = Path(tmp) / "resnet18"
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
             model = resnet18().eval()
             calib = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
             rows = run_case("(b) ResNet-18 224×224 (random weights), 64 calibration images", model, calib, work,
-                            args.threads, args.budget, None)
+                            args.threads, args.budget, None, min_runs=args.min_runs)
             results["resnet18"] = [r.__dict__ for r in rows]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
