@@ -33,7 +33,8 @@ def test_auto_scheme_picks_transformer_and_stays_close(tiny_bert_onnx, tmp_path)
     calib = {k: v[:64] for k, v in data.items()}
     test = {k: v[64:] for k, v in data.items()}
     res = sm.quantize(str(path), sm.Int8Static(), calib, out=tmp_path / "q.onnx", progress=False)
-    assert res.report.scheme == "transformer"
+    assert res.report.scheme == "transformer" and res.report.smooth_quant == 0.8     # the defaults, said aloud
+    assert str(res.report).startswith("scheme: transformer + SmoothQuant alpha 0.8;")
     assert len(res.report.quantized) == 12 + 1              # 2 layers x (q, k, v, out, ffn in, ffn out) + word table
     assert [l.op for l in res.report.layers if "embedding" in l.reason] == ["Gather"]
     ops = [n.op_type for n in res.model.graph.node]

@@ -478,7 +478,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     model.producer_name = "smallify"
     compact(model)
     onnx.checker.check_model(model)
-    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme)
+    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme, alpha)
     if out is not None:
         onnx_io.save(model, out)
     return model, report

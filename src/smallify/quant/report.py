@@ -20,6 +20,7 @@ class QuantReport:
     calibration_samples: int = 0
     calibration_seconds: float = 0.0
     scheme: str = "cnn"           # the placement used ('cnn' or 'transformer'), chosen from the graph when 'auto'
+    smooth_quant: float | None = None   # SmoothQuant alpha applied, if any
 
     @property
     def quantized(self) -> list[str]:
@@ -33,7 +34,8 @@ class QuantReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"scheme: {self.scheme}; {len(self.quantized)} layer(s) quantized, {len(self.floating)} left in float; "
+        smooth = f" + SmoothQuant alpha {self.smooth_quant:g}" if self.smooth_quant is not None else ""
+        lines = [f"scheme: {self.scheme}{smooth}; {len(self.quantized)} layer(s) quantized, {len(self.floating)} left in float; "
                  f"{self.activations} activation tensor(s) quantized; calibrated on {self.calibration_samples} "
                  f"sample(s) in {self.calibration_seconds:.1f} s"]
         lines += [f"  float: {name} ({reason})" for name, reason in self.floating.items()]
