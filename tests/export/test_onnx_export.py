@@ -86,3 +86,29 @@ def test_unwritable_output_leaves_nothing(model, calib, tmp_path):
     with pytest.raises(sm.OutputError, match="does not exist"):
         sm.export_onnx(model, tmp_path / "missing" / "m.onnx", calib[:1])
     assert list(tmp_path.iterdir()) == []
+
+
+class Mixer(torch.nn.Module):
+    """Linear layers on 3-D inputs: the exporter writes MatMul(x, W^T) with the transpose folded and renamed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):                                     # (B, T, 16)
+        h = self.b(torch.relu(self.a(x))) + x
+        return self.head(h.mean(1))
+
+
+def test_linear_on_3d_inputs_exports_with_integer_matmuls(tmp_path):
+    torch.manual_seed(0)
+    m = Mixer().eval()
+    x = torch.randn(64, 10, 16)
+    q = sm.quantize(m, sm.Int8Static(), x, progress=False)
+    path = tmp_path / "mixer.onnx"
+    sm.export_onnx(q, path, x[:1])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - q(x).numpy()).max() < 0.02 * np.abs(q(x).numpy()).max()
+    ops = optimized_ops(path, tmp_path)
+    assert ops.count("QLinearMatMul") + ops.count("MatMulIntegerToFloat") + ops.count("QGemm") == 3, ops

@@ -32,12 +32,34 @@ class _ExportActQuant(nn.Module):
         return ops.quantize_dequantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
 
-def _float_twins(gm: nn.Module) -> tuple[nn.Module, set[str]]:
+def _weight_initializers(proto: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the initializers that hold ``weights`` (module name -> dequantized weight), found by value:
+    the exporter may fold a transpose into the weight (Linear on 3-D inputs becomes MatMul(x, W^T)) and rename it."""
+    from onnx import numpy_helper
+
+    by_value: dict[tuple, str] = {}
+    for init in proto.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
+            a = numpy_helper.to_array(init)
+            by_value.setdefault((a.shape, hash(a.tobytes())), init.name)
+    found = set()
+    for module, w in weights.items():
+        w = w.detach().float().contiguous()
+        candidates = [w] + ([w.t().contiguous()] if w.ndim == 2 else [])
+        name = next((by_value.get((tuple(c.shape), hash(c.numpy().tobytes()))) for c in candidates
+                     if (tuple(c.shape), hash(c.numpy().tobytes())) in by_value), None)
+        if name is None:
+            raise RuntimeError(f"internal: the weight of quantized layer {module!r} is not in the exported ONNX graph")
+        found.add(name)
+    return found
+
+
+def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A copy whose quantized twins are plain float layers holding the dequantized weights (exact grid values)."""
     gm = copy.deepcopy(gm)
     for p in gm.parameters():
         p.requires_grad_(False)  # the exporter has no decomposition for the training form of fake_quantize
-    names = set()
+    weights = {}
     for name, m in list(gm.named_modules()):
         if isinstance(m, qmod.ActQuant):
             parent, _, attr = name.rpartition(".")
@@ -52,8 +74,8 @@ def _float_twins(gm: nn.Module) -> tuple[nn.Module, set[str]]:
                 delattr(plain, buf)
             parent, _, attr = name.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
-            names.add(f"{name}.weight")
-    return gm, names
+            weights[name] = plain.weight
+    return gm, weights
 
 
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -95,9 +117,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
     int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
     onnx_io.check_writable(path)
     quantized = hasattr(model, "quant_config")
-    plain, weight_names = _float_twins(model) if quantized else (model, set())
+    plain, weights = _float_twins(model) if quantized else (model, {})
     proto = to_onnx_proto(plain, example_inputs, dynamic_batch, input_names=input_names)
     if quantized:
+        weight_names = _weight_initializers(proto, weights)
         reduce_mean_to_global_average_pool(proto)
         fold_relu_into_quantize(proto)
         done = quantize_weights(proto, weight_names, model.quant_config.per_channel)
