@@ -109,3 +109,33 @@ def test_config_round_trip_and_validation():
         sm.Int8Static.from_dict({"bits": 3})
     with pytest.raises(ConfigError, match="accepted: 'uint8', 'int8'"):
         sm.Int8Static(activation_dtype="fp8")
+
+
+def test_dataloader_batches_with_labels(model, calib):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(calib, torch.zeros(len(calib), dtype=torch.long)), batch_size=16)
+    q = sm.quantize(model, sm.Int8Static(), loader, progress=False)   # (images, labels): labels ignored
+    ref = sm.quantize(model, sm.Int8Static(), calib, progress=False)
+    assert q.quant_report.calibration_samples == 64
+    assert q.act_quant["x"].scale.item() == ref.act_quant["x"].scale.item()
+
+
+@pytest.mark.parametrize("calibration", ["percentile", "entropy", "mse"])
+def test_every_calibration_method_end_to_end(model, calib, calibration):
+    q = sm.quantize(model, sm.Int8Static(calibration=calibration), calib, progress=False)
+    x = torch.randn(128, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert sqnr_db(model(x), q(x)) > 25.0
+
+
+def test_signed_int8_activations_export(model, calib, tmp_path):
+    import onnxruntime as ort
+
+    q = sm.quantize(model, sm.Int8Static(activation_dtype="int8"), calib, progress=False)
+    path = tmp_path / "s8.onnx"
+    sm.export_onnx(q, path, calib[:1])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": calib.numpy()})[0]
+    with torch.no_grad():
+        want = q(calib).numpy()
+    assert sqnr_db(torch.from_numpy(want), torch.from_numpy(got)) > 30
