@@ -99,7 +99,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
                 reports.append(LayerReport(name, node.op_type, "float", "weight is not a constant initializer"))
                 kind = "other"
             elif w is None:
-                kind = "matmul"  # activation x activation (attention): both operands quantized
+                kind = "act_matmul"  # activation x activation (attention)
             else:
                 kind = _WEIGHT_OPS[node.op_type]
                 wname = node.input[w]

@@ -31,8 +31,8 @@ _MODULE_KINDS = {nn.LayerNorm: "layernorm", nn.Softmax: "softmax", nn.ReLU: "rel
 _FUNCTION_KINDS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.relu: "relu",
                    F.relu: "relu", F.max_pool2d: "maxpool", F.adaptive_avg_pool2d: "avgpool",
                    F.avg_pool2d: "avgpool", torch.reshape: "reshape", F.layer_norm: "layernorm",
-                   F.softmax: "softmax", torch.softmax: "softmax", torch.matmul: "matmul", torch.bmm: "matmul"}
-_METHOD_KINDS = {"softmax": "softmax", "matmul": "matmul", "relu": "relu", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "add": "add"}
+                   F.softmax: "softmax", torch.softmax: "softmax", torch.matmul: "act_matmul", torch.bmm: "act_matmul"}
+_METHOD_KINDS = {"softmax": "softmax", "matmul": "act_matmul", "relu": "relu", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "add": "add"}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
