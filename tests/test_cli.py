@@ -118,6 +118,13 @@ def test_bad_option_value(float_onnx, calib_npz, tmp_path):
                      "--calibration", "kl"), "accepted: 'minmax', 'percentile'")
 
 
+def test_bad_smooth_quant(float_onnx, calib_npz, tmp_path):
+    assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", tmp_path / "q.onnx",
+                     "--smooth-quant", "strong"), "migration strength")
+    r = run("quantize", float_onnx, "--calib", calib_npz, "--out", tmp_path / "q.onnx", "--smooth-quant", "0.5")
+    assert r.exit_code == 0 and "scheme: cnn;" in r.stdout, r.output   # no MatMul with weights: nothing smoothed
+
+
 def test_unsupported_layers_are_listed_and_the_rest_quantized(tmp_path):
     import torch
 

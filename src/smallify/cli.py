@@ -31,6 +31,8 @@ def quantize(
                                help="auto | cnn (integer chains) | transformer (MatMul inputs only)"),
     percentile: float = typer.Option(99.99, "--percentile", help="with --calibration percentile"),
     activation_dtype: str = typer.Option("uint8", "--activation-dtype", help="uint8 (fast on x86) | int8"),
+    smooth_quant: str = typer.Option("auto", "--smooth-quant",
+                                     help="auto (0.8 for transformers) | off | alpha in [0, 1]"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="calibrate on at most this many samples"),
 ):
     """Quantize an ONNX model to INT8 (QDQ), calibrating activations on CALIB."""
@@ -38,9 +40,15 @@ def quantize(
     from smallify.quant.config import Int8Static
 
     try:
+        smooth = {"auto": "auto", "off": None}.get(smooth_quant, smooth_quant)
+        if isinstance(smooth, str) and smooth != "auto":
+            try:
+                smooth = float(smooth)
+            except ValueError:
+                smooth = smooth_quant   # Int8Static names the accepted values
         config = Int8Static(calibration=calibration, percentile=percentile, per_channel=not per_tensor,
                             activation_dtype=activation_dtype, skip=tuple(skip), max_calibration_samples=max_samples,
-                            scheme=scheme)
+                            scheme=scheme, smooth_quant=smooth)
         result = quantize_verb(str(input), config, str(calib), out=str(out), progress=sys.stderr.isatty())
     except SmallifyError as e:
         _fail(str(e))

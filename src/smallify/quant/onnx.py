@@ -457,7 +457,8 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     if alpha is not None:
         from smallify.quant.smooth import smooth_onnx
 
-        smooth_onnx(model, data, config, alpha, progress)
+        if not smooth_onnx(model, data, config, alpha, progress):
+            alpha = None   # nothing to smooth: no MatMul with a constant weight
         gnodes, outputs, reports = graph_view(model, config)
     placement = place(gnodes, outputs, scheme)
     start = time.perf_counter()
