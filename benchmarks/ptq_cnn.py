@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 import smallify as sm
-from smallify.bench import Row, print_table, write_json
+from smallify.bench import Row, print_table
 from smallify.examples import fashion_mnist
 from smallify.examples.demo import calibration_images, pretrained_fmnist_resnet, top1
 from smallify.examples.models import resnet18

@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import onnx
-import pytest
 from typer.testing import CliRunner
 
 from smallify.cli import app

@@ -51,9 +51,9 @@ def batches(data, names: list[str], batch_size: int = 32, limit: int | None = No
     if data is None:
         raise DataError("no calibration data given; pass an iterable of batches, a tensor or a dict of arrays")
     if isinstance(data, (torch.Tensor, np.ndarray)):
-        source: Iterable = _split({names[0]: data}, batch_size) if len(names) == 1 else None
-        if source is None:
+        if len(names) != 1:
             raise DataError(f"the model has {len(names)} inputs {names}; give a dict keyed by input name")
+        source: Iterable = _split({names[0]: data}, batch_size)
     elif isinstance(data, Mapping) and data and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data.values()):
         source = _split(data, batch_size)
     elif isinstance(data, Iterable):

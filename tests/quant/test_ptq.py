@@ -4,7 +4,7 @@ from torch import nn
 
 import smallify as sm
 from smallify.errors import ConfigError, DataError, ModelError
-from smallify.quant.modules import ActQuant, QuantConv2d, QuantLinear
+from smallify.quant.modules import QuantConv2d, QuantLinear
 from smallify.quant.primitives import sqnr_db
 from tests.conftest import small_resnet
 

@@ -10,6 +10,7 @@ import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -37,17 +38,18 @@ def _weight_initializers(proto: onnx.ModelProto, weights: dict[str, torch.Tensor
     the exporter may fold a transpose into the weight (Linear on 3-D inputs becomes MatMul(x, W^T)) and rename it."""
     from onnx import numpy_helper
 
+    def key(a: np.ndarray) -> tuple:
+        return a.shape, hash(np.ascontiguousarray(a).tobytes())
+
     by_value: dict[tuple, str] = {}
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
-            a = numpy_helper.to_array(init)
-            by_value.setdefault((a.shape, hash(a.tobytes())), init.name)
+            by_value.setdefault(key(numpy_helper.to_array(init)), init.name)
     found = set()
     for module, w in weights.items():
-        w = w.detach().float().contiguous()
-        candidates = [w] + ([w.t().contiguous()] if w.ndim == 2 else [])
-        name = next((by_value.get((tuple(c.shape), hash(c.numpy().tobytes()))) for c in candidates
-                     if (tuple(c.shape), hash(c.numpy().tobytes())) in by_value), None)
+        w = w.detach().float().numpy()
+        candidates = [w] + ([w.T] if w.ndim == 2 else [])
+        name = next((by_value[key(c)] for c in candidates if key(c) in by_value), None)
         if name is None:
             raise RuntimeError(f"internal: the weight of quantized layer {module!r} is not in the exported ONNX graph")
         found.add(name)
@@ -62,8 +64,7 @@ def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     weights = {}
     for name, m in list(gm.named_modules()):
         if isinstance(m, qmod.ActQuant):
-            parent, _, attr = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, attr, _ExportActQuant(m))
+            qmod.replace_module(gm, name, _ExportActQuant(m))
         if isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
             base = nn.Conv2d if isinstance(m, qmod.QuantConv2d) else nn.Linear
             plain = copy.deepcopy(m)
@@ -72,8 +73,7 @@ def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
                 plain.weight.copy_(m.qweight())
             for buf in ("weight_scale", "weight_zero_point"):
                 delattr(plain, buf)
-            parent, _, attr = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
+            qmod.replace_module(gm, name, plain)
             weights[name] = plain.weight
     return gm, weights
 

@@ -92,6 +92,12 @@ REGISTRY: dict[type, tuple[str, type]] = {
 }
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted path) is."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
 def lookup(module: nn.Module) -> tuple[str, type] | None:
     if isinstance(module, (QuantConv2d, QuantLinear)):
         return None

@@ -49,8 +49,12 @@ class HistogramObserver:
 
     SAMPLE = 2 ** 17
 
-    def __init__(self, bins: int = 2048, name: str = "tensor"):
+    def __init__(self, bins: int = 2048, name: str = "tensor", method: str = "percentile",
+                 percentile: float = 99.99, fmt=None):
+        """``method`` ('percentile', 'entropy' or 'mse') and ``fmt`` (the target integer format, for 'entropy'
+        and 'mse') decide what ``range_of`` reads off the histogram."""
         self.bins, self.name = bins, name
+        self.method, self.percentile, self.fmt = method, percentile, fmt
         self.sample = torch.empty(0)
         self.seen = 0
         self.zeros = 0.0   # exact zeros (ReLU outputs, padding): exact under every range, so left out of the KL
@@ -186,9 +190,7 @@ def make_observer(method: str, percentile: float = 99.99, name: str = "tensor", 
     if method == "minmax":
         return MinMaxObserver(name=name)
     if method in CALIBRATIONS:
-        obs = HistogramObserver(name=name)
-        obs.method, obs.percentile, obs.fmt = method, percentile, fmt
-        return obs
+        return HistogramObserver(name=name, method=method, percentile=percentile, fmt=fmt)
     raise ConfigError(f"calibration={method!r} is not supported; accepted: {', '.join(map(repr, CALIBRATIONS))}")
 
 

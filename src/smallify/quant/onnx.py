@@ -10,11 +10,9 @@ which ONNX Runtime fuses into QLinearConv / QGemm / QLinearAdd on x86 (VNNI/AMX 
 """
 from __future__ import annotations
 
-import fnmatch
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,11 +26,11 @@ from smallify.progress import track
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
 from smallify.quant.placement import GNode, choose_scheme, place
-from smallify.quant.primitives import INT8_ACT, INT8_WEIGHT, UINT8_ACT, compute_qparams, quantize, weight_qparams
+from smallify.quant.primitives import INT8_WEIGHT, compute_qparams, quantize, weight_qparams
 from smallify.quant.report import LayerReport, QuantReport
 
-_KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add", "MaxPool": "maxpool", "GlobalAveragePool": "avgpool",
-          "AveragePool": "avgpool", "Flatten": "flatten", "Reshape": "reshape", "Transpose": "transpose",
+_KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add",
+          "MaxPool": "maxpool", "GlobalAveragePool": "avgpool", "AveragePool": "avgpool", "Flatten": "flatten", "Reshape": "reshape", "Transpose": "transpose",
           "Squeeze": "squeeze", "Unsqueeze": "unsqueeze", "Identity": "identity", "ReduceMean": "avgpool"}
 _WEIGHT_OPS = {"Conv": "conv", "Gemm": "linear", "MatMul": "matmul"}
 _FLOAT_LAYERS = {"ConvTranspose", "LSTM", "GRU", "RNN", "ConvInteger", "MatMulInteger", "Einsum"}
@@ -103,8 +101,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
             else:
                 kind = _WEIGHT_OPS[node.op_type]
                 wname = node.input[w]
-                pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)
-                                or fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(wname, p)), None)
+                pattern = config.skip_pattern(name, node.name, wname)
                 if pattern is not None:
                     reports.append(LayerReport(name, node.op_type, "float", f"skipped by pattern {pattern!r}"))
                     quantize_it = False
@@ -174,7 +171,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
+    fmt = config.activation_format
     make_observer = make_observer or (lambda t: observers.make_observer(config.calibration, config.percentile, t, fmt))
     obs = {t: make_observer(t) for t in tensors}
     names, samples = input_names(model), 0
@@ -311,14 +308,13 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
             axis = 0 if trans_b else 1
         elif node.op_type == "MatMul":
             axis = 1
-        pc = per_channel
-        scale, zero = weight_qparams(w, INT8_WEIGHT, pc, axis)
-        q = quantize(w, scale, zero, INT8_WEIGHT, axis if pc else None).to(torch.int8)
+        scale, zero = weight_qparams(w, INT8_WEIGHT, per_channel, axis)
+        q = quantize(w, scale, zero, INT8_WEIGHT, axis if per_channel else None).to(torch.int8)
         qname = f"{wname}:q"
         g.initializer.append(numpy_helper.from_array(q.numpy(), qname))
         g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{wname}:s"))
         g.initializer.append(numpy_helper.from_array(zero.numpy().astype(np.int8), f"{wname}:zp"))
-        attrs = {"axis": axis} if pc else {}
+        attrs = {"axis": axis} if per_channel else {}
         nodes = [helper.make_node("DequantizeLinear", [qname, f"{wname}:s", f"{wname}:zp"],
                                   [f"{wname}:dq"], **attrs)]
         node.input[w_idx] = f"{wname}:dq"
@@ -326,15 +322,15 @@ def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channe
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
             bname = node.input[b_idx]
             b = consts[bname].astype(np.float64)
-            b_scale = (x_scale * scale.double().numpy()) if pc else np.array(x_scale * float(scale), np.float64)
-            if b.ndim == 1 and (not pc or b.shape[0] == scale.numel()):
+            b_scale = (x_scale * scale.double().numpy()) if per_channel else np.array(x_scale * float(scale), np.float64)
+            if b.ndim == 1 and (not per_channel or b.shape[0] == scale.numel()):
                 qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
                 bq = f"{bname}:q"
                 g.initializer.append(numpy_helper.from_array(qb, bq))
                 g.initializer.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{bname}:s"))
                 nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bname}:s"],  # zero point: 0
                                               [f"{bname}:dq"],
-                                              **({"axis": 0} if pc else {})))
+                                              **({"axis": 0} if per_channel else {})))
                 node.input[b_idx] = f"{bname}:dq"
         new_nodes[idx] = nodes
         done.append(_layer_name(node, consts))
@@ -434,7 +430,8 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    inputs = [i for i in model.graph.input if i.name in used or i.name not in {x.name for x in keep}]
+    kept = {x.name for x in keep}
+    inputs = [i for i in model.graph.input if i.name in used or i.name not in kept]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
 
@@ -463,7 +460,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     placement = place(gnodes, outputs, scheme)
     start = time.perf_counter()
     obs, samples = calibrate(model, placement.calibrated, data, config, progress)
-    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
+    fmt = config.activation_format
     qparams = {}
     for t in placement.calibrated:
         s, z = compute_qparams(*observers.range_of(obs[t]), fmt)

@@ -7,7 +7,6 @@ exported INT8 ONNX model computes.
 """
 from __future__ import annotations
 
-import fnmatch
 import operator
 import time
 
@@ -22,7 +21,6 @@ from smallify.quant import modules as qmod
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
 from smallify.quant.placement import GNode, choose_scheme, place
-from smallify.quant.primitives import INT8_ACT, UINT8_ACT
 from smallify.quant.report import LayerReport, QuantReport
 from smallify.progress import track
 
@@ -75,7 +73,7 @@ def _layer_reports(gm: fx.GraphModule, config: Int8Static) -> tuple[list[LayerRe
         if name == "" or name not in called or not any(True for _ in m.parameters(recurse=False)):
             continue
         op = type(m).__name__
-        pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)), None)
+        pattern = config.skip_pattern(name)
         if pattern is not None:
             reports.append(LayerReport(name, op, "float", f"skipped by pattern {pattern!r}"))
         elif qmod.lookup(m) is None:
@@ -103,12 +101,10 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
                                 [n.name], quantize))
     scheme = choose_scheme(gnodes, config.scheme)
     placement = place(gnodes, outputs, scheme)
-    fmt = UINT8_ACT if config.activation_dtype == "uint8" else INT8_ACT
+    fmt = config.activation_format
     for name in chosen:
         m = gm.get_submodule(name)
-        twin = qmod.lookup(m)[1].from_float(m, per_channel=config.per_channel)
-        parent, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, twin)
+        qmod.replace_module(gm, name, qmod.lookup(m)[1].from_float(m, per_channel=config.per_channel))
     gm.add_module("act_quant", nn.ModuleDict())
     by_name = {n.name: n for n in gm.graph.nodes}
     for t in placement.tensors():
