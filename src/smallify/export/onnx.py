@@ -18,6 +18,7 @@ from torch import nn
 from smallify import onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
+from smallify.quant.primitives import FloatFormat
 from smallify.quant.onnx import compact, fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
 
 
@@ -27,14 +28,17 @@ class _ExportActQuant(nn.Module):
     def __init__(self, q: qmod.ActQuant):
         super().__init__()
         self.scale, self.zero_point = float(q.scale), int(q.zero_point)
-        self.qmin, self.qmax = q.fmt.qmin, q.fmt.qmax
+        self.fp8 = q.fmt.name if isinstance(q.fmt, FloatFormat) else None
+        self.qmin, self.qmax = (0, 0) if self.fp8 else (q.fmt.qmin, q.fmt.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return ops.fp8_quantize_dequantize(x, self.scale, self.fp8)
         return ops.quantize_dequantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
 
-def _weight_initializers(proto: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> set[str]:
-    """Names of the initializers that hold ``weights`` (module name -> dequantized weight), found by value:
+def _weight_initializers(proto: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Initializer name -> module name for ``weights`` (module name -> dequantized weight), found by value:
     the exporter may fold a transpose into the weight (Linear on 3-D inputs becomes MatMul(x, W^T)) and rename it."""
     from onnx import numpy_helper
 
@@ -45,27 +49,29 @@ def _weight_initializers(proto: onnx.ModelProto, weights: dict[str, torch.Tensor
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
             by_value.setdefault(key(numpy_helper.to_array(init)), init.name)
-    found = set()
+    found = {}
     for module, w in weights.items():
         w = w.detach().float().numpy()
         candidates = [w] + ([w.T] if w.ndim == 2 else [])
         name = next((by_value[key(c)] for c in candidates if key(c) in by_value), None)
         if name is None:
             raise RuntimeError(f"internal: the weight of quantized layer {module!r} is not in the exported ONNX graph")
-        found.add(name)
+        found[name] = module
     return found
 
 
-def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, nn.Module]]:
     """A copy whose quantized twins are plain float layers holding the dequantized weights (exact grid values)."""
     gm = copy.deepcopy(gm)
     for p in gm.parameters():
         p.requires_grad_(False)  # the exporter has no decomposition for the training form of fake_quantize
-    weights = {}
+    weights, twins = {}, {}
     for name, m in list(gm.named_modules()):
         if isinstance(m, qmod.ActQuant):
             qmod.replace_module(gm, name, _ExportActQuant(m))
         if isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
+            if m.spec.fmt is not None:
+                twins[name] = m
             base = nn.Conv2d if isinstance(m, qmod.QuantConv2d) else nn.Linear
             plain = copy.deepcopy(m)
             plain.__class__ = base
@@ -74,8 +80,9 @@ def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
             for buf in ("weight_scale", "weight_zero_point"):
                 delattr(plain, buf)
             qmod.replace_module(gm, name, plain)
-            weights[name] = plain.weight
-    return gm, weights
+            if m.spec.fmt is not None:
+                weights[name] = plain.weight
+    return gm, weights, twins
 
 
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -116,14 +123,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
     A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
     int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
     onnx_io.check_writable(path)
-    quantized = hasattr(model, "quant_config")
-    plain, weights = _float_twins(model) if quantized else (model, {})
+    quantized = any(isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear, qmod.ActQuant)) for m in model.modules())
+    plain, weights, twins = _float_twins(model) if quantized else (model, {}, {})
     proto = to_onnx_proto(plain, example_inputs, dynamic_batch, input_names=input_names)
     if quantized:
         weight_names = _weight_initializers(proto, weights)
         reduce_mean_to_global_average_pool(proto)
         fold_relu_into_quantize(proto)
-        done = quantize_weights(proto, weight_names, model.quant_config.per_channel)
+        specs = {w: twins[module].spec for w, module in weight_names.items()}
+        stored = {w: twins[module].stored() for w, module in weight_names.items()}
+        static = any(isinstance(m, qmod.ActQuant) for m in model.modules())
+        done = quantize_weights(proto, lambda name, wname, _: specs.get(wname), stored, static)
         if len(done) != len(weight_names):
             raise RuntimeError(f"internal: {len(weight_names)} quantized layers but {len(done)} found in the ONNX graph")
         proto.producer_name = "smallify"

@@ -28,4 +28,28 @@ def _to_onnx(x, scale: float, zero_point: int, qmin: int, qmax: int):
     return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
 
 
-TRANSLATIONS = {torch.ops.smallify.quantize_dequantize.default: _to_onnx}
+FP8_CODES = {"e4m3": (torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E4M3FN), "e5m2": (torch.float8_e5m2, onnx.TensorProto.FLOAT8E5M2)}
+
+
+@torch.library.custom_op("smallify::fp8_quantize_dequantize", mutates_args=())
+def fp8_quantize_dequantize(x: torch.Tensor, scale: float, fmt: str) -> torch.Tensor:
+    from smallify.quant.primitives import FloatFormat, fp8_fake_quantize
+
+    return fp8_fake_quantize(x, torch.tensor(scale), FloatFormat(fmt))
+
+
+@fp8_quantize_dequantize.register_fake
+def _(x, scale, fmt):
+    return torch.empty_like(x)
+
+
+def _fp8_to_onnx(x, scale: float, fmt: str):
+    from onnxscript import opset20 as op
+
+    s = op.Constant(value=onnx.helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [scale]))
+    z = op.Constant(value=onnx.helper.make_tensor("zero_point", FP8_CODES[fmt][1], [], [0.0]))
+    return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
+
+
+TRANSLATIONS = {torch.ops.smallify.quantize_dequantize.default: _to_onnx,
+                torch.ops.smallify.fp8_quantize_dequantize.default: _fp8_to_onnx}

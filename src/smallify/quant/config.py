@@ -7,10 +7,40 @@ import fnmatch
 from smallify.config import Config, check_choice
 from smallify.errors import ConfigError
 from smallify.quant.placement import SCHEMES
-from smallify.quant.primitives import INT8_ACT, UINT8_ACT, IntFormat
+from smallify.quant.modules import WeightSpec
+from smallify.quant.primitives import FP8_FORMATS, INT8_ACT, INT8_WEIGHT, SUPPORTED_BITS, UINT8_ACT, FloatFormat, IntFormat
 
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
 ACT_DTYPES = ("uint8", "int8")
+FLOAT_DTYPES = ("fp16", "bf16")
+AUTO_GROUPS = (128, 64, 32)
+
+
+def _check_bits(name: str, bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ConfigError(f"{name}={bits!r} is not supported; accepted: integers 2..8")
+
+
+def _check_group(group_size, allow_auto: bool = False) -> None:
+    if group_size is None or (allow_auto and group_size == "auto"):
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ConfigError(f"group_size={group_size!r} is not supported; accepted: an integer >= 2 that divides "
+                          f"each layer's input channels, None (one scale per output channel)"
+                          + (" or 'auto'" if allow_auto else ""))
+
+
+def _check_layer_bits(layer_bits: dict) -> dict:
+    if not isinstance(layer_bits, dict):
+        raise ConfigError(f"layer_bits must map layer-name patterns to bits, got {type(layer_bits).__name__}")
+    for pattern, bits in layer_bits.items():
+        if bits != "float":
+            _check_bits(f"layer_bits[{pattern!r}]", bits)
+    return dict(layer_bits)
+
+
+def _first_match(patterns, names) -> str | None:
+    return next((p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
 
 
 @dataclasses.dataclass
@@ -28,6 +58,9 @@ class Int8Static(Config):
     per-tensor activation scale. 'auto' (default): 0.8 with the transformer scheme (MiniLM-L6 in
     ``benchmarks/ptq_minilm.py``: mean cosine 0.9927 without, 0.9982 with), off for CNNs; None turns it off.
     ``skip``: fnmatch patterns of layer names left in float (e.g. ``("stem.*", "fc")``).
+    ``weight_bits`` (2..8, default 8) and ``group_size`` (None: per channel) set the weights' grid; below 8
+    bits the weights are stored packed (ONNX int4) and the layer runs in float on dequantized weights.
+    ``layer_bits``: per-layer overrides, pattern -> bits or 'float' (mixed precision; first match wins).
     """
 
     kind = "int8_static"
@@ -39,16 +72,31 @@ class Int8Static(Config):
     max_calibration_samples: int | None = None
     scheme: str = "auto"
     smooth_quant: float | str | None = "auto"
+    weight_bits: int = 8
+    group_size: int | None = None
+    layer_bits: dict = dataclasses.field(default_factory=dict)
 
     @property
-    def activation_format(self) -> IntFormat:
+    def activation_format(self) -> IntFormat | FloatFormat:
         return UINT8_ACT if self.activation_dtype == "uint8" else INT8_ACT
 
     def skip_pattern(self, *names: str) -> str | None:
         """The first ``skip`` pattern that matches any of a layer's ``names``, or None."""
-        return next((p for p in self.skip if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+        return _first_match(self.skip, names)
+
+    def weight_spec(self, *names: str) -> WeightSpec:
+        """The weight grid of the layer called ``names`` (``layer_bits`` first, then ``weight_bits``)."""
+        pattern = _first_match(self.layer_bits, names)
+        bits = self.layer_bits[pattern] if pattern is not None else self.weight_bits
+        if bits == "float":
+            return WeightSpec(None)
+        fmt = INT8_WEIGHT if bits == 8 else IntFormat(bits, signed=True, symmetric=True)
+        return WeightSpec(fmt, self.per_channel, self.group_size)
 
     def __post_init__(self):
+        _check_bits("weight_bits", self.weight_bits)
+        _check_group(self.group_size)
+        self.layer_bits = _check_layer_bits(self.layer_bits)
         if self.smooth_quant == "auto":
             pass
         elif self.smooth_quant is not None and (isinstance(self.smooth_quant, str)
@@ -66,3 +114,97 @@ class Int8Static(Config):
         self.skip = tuple(self.skip)
         if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
             raise ConfigError(f"max_calibration_samples={self.max_calibration_samples!r} must be >= 1 or None")
+
+
+@dataclasses.dataclass
+class FP8Static(Int8Static):
+    """FP8 weights and activations (OCP ``format`` 'e4m3' or 'e5m2'), static scales: activations per tensor
+    from calibration (``calibration`` as for INT8), weights per output channel. Simulated exactly in PyTorch
+    (torch's float8 dtypes); ONNX output stores weights as FP8 tensors and quantizes activations with
+    FP8 QuantizeLinear/DequantizeLinear. Meant for runtimes with FP8 kernels (Hopper/Ada GPUs, Gaudi); on
+    x86 CPUs the INT8 formats are the fast ones. ONNX Runtime (1.31) runs FP8 activations only with graph
+    optimization level 'basic' (its MatMulIntegerToFloat fusion rejects FP8); ``smallify bench`` does that."""
+
+    kind = "fp8_static"
+    format: str = "e4m3"
+    smooth_quant: float | str | None = None
+
+    @property
+    def activation_format(self) -> FloatFormat:
+        return FloatFormat(self.format)
+
+    def weight_spec(self, *names: str) -> WeightSpec:
+        pattern = _first_match(self.layer_bits, names)
+        if pattern is not None and self.layer_bits[pattern] == "float":
+            return WeightSpec(None)
+        return WeightSpec(FloatFormat(self.format), self.per_channel)
+
+    def __post_init__(self):
+        check_choice("format", self.format, tuple(FP8_FORMATS))
+        if self.weight_bits != 8 or self.group_size is not None:
+            raise ConfigError("FP8Static takes no weight_bits or group_size; FP8 is 8 bits with one scale per "
+                              "output channel (per_channel=True) or per tensor")
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class WeightOnly(Config):
+    """Weight-only integer quantization (round to nearest): weights on a ``bits``-bit grid (2..8), activations
+    stay float. ``group_size``: one scale per group of that many consecutive input channels; 'auto' (default)
+    takes the largest of 128, 64, 32 that divides each layer's input channels, else one scale per output
+    channel; None: per output channel. ``symmetric=False`` adds a zero point per group (unsigned grid).
+    Weights below 8 bits are stored packed (``smallify.save``: bits/8 bytes per weight; ONNX: int4/uint4
+    tensors that ONNX Runtime runs as MatMulNBits). ``layer_bits``: per-layer overrides (pattern -> bits or
+    'float'); ``skip``: patterns left in float."""
+
+    kind = "weight_only"
+    bits: int = 4
+    group_size: int | str | None = "auto"
+    symmetric: bool = True
+    skip: tuple[str, ...] = ()
+    layer_bits: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_bits("bits", self.bits)
+        _check_group(self.group_size, allow_auto=True)
+        self.layer_bits = _check_layer_bits(self.layer_bits)
+        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+
+    def skip_pattern(self, *names: str) -> str | None:
+        return _first_match(self.skip, names)
+
+    def weight_spec(self, in_channels: int, *names: str) -> WeightSpec:
+        """The grid of a layer with ``in_channels`` inputs per output (raises when ``group_size`` does not divide)."""
+        pattern = _first_match(self.layer_bits, names)
+        bits = self.layer_bits[pattern] if pattern is not None else self.bits
+        if bits == "float" or self.skip_pattern(*names):
+            return WeightSpec(None)
+        fmt = IntFormat(bits, signed=self.symmetric, symmetric=self.symmetric)
+        group = self.group_size
+        if group == "auto":
+            group = next((g for g in AUTO_GROUPS if in_channels % g == 0 and in_channels > g), None)
+        elif group is not None and in_channels % group:
+            raise ConfigError(f"group_size={group} does not divide the {in_channels} input channels of layer "
+                              f"{names[0]!r}; accepted: a divisor of {in_channels}, 'auto' or None (per channel)")
+        return WeightSpec(fmt, True, group)
+
+
+@dataclasses.dataclass
+class Float16(Config):
+    """Half-precision conversion: ``dtype`` 'fp16' or 'bf16' for the layers matching ``layers`` (fnmatch
+    patterns; default every Conv/Linear layer) minus ``skip``. PyTorch: those layers compute in half precision
+    (inputs cast in, outputs cast back to float32). ONNX: their weights are stored in half precision (half the
+    bytes) with a Cast to float32 in front of the layer, as OpenVINO's compressed-FP16 models do."""
+
+    kind = "float16"
+    dtype: str = "fp16"
+    layers: tuple[str, ...] = ("*",)
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_choice("dtype", self.dtype, FLOAT_DTYPES)
+        self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+
+    def selects(self, *names: str) -> bool:
+        return _first_match(self.layers, names) is not None and _first_match(self.skip, names) is None

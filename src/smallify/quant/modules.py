@@ -6,18 +6,25 @@ the module computes exactly what the integer kernel computes after export. Activ
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smallify.errors import ConfigError
 from smallify.quant import observers
-from smallify.quant.primitives import INT8_WEIGHT, IntFormat, compute_qparams, fake_quantize, weight_qparams
+from smallify.quant.primitives import (INT8_WEIGHT, FloatFormat, IntFormat, compute_qparams, expand_groups,
+                                       fake_quantize, fp8_fake_quantize, fp8_quantize, fp8_scale, lsq_fake_quantize, quantize,
+                                       weight_qparams)
 
 
 class ActQuant(nn.Module):
-    """Per-tensor activation quantizer: observes while calibrating, then fake-quantizes."""
+    """Per-tensor activation quantizer: observes while calibrating, then fake-quantizes (integer or FP8 grid).
+    After ``make_scale_learnable`` (QAT) its scale is a parameter trained with the LSQ gradient."""
 
-    def __init__(self, fmt: IntFormat, observer=None, name: str = ""):
+    def __init__(self, fmt: IntFormat | FloatFormat, observer=None, name: str = ""):
         super().__init__()
         self.fmt, self.observer, self.tensor_name = fmt, observer, name
         self.calibrating = observer is not None
@@ -27,46 +34,152 @@ class ActQuant(nn.Module):
     def freeze(self) -> None:
         """Turn the observed range into a scale and zero point, and start quantizing."""
         lo, hi = observers.range_of(self.observer)
-        scale, zero = compute_qparams(lo, hi, self.fmt)
+        if isinstance(self.fmt, FloatFormat):
+            scale, zero = fp8_scale(max(abs(float(lo)), abs(float(hi))), self.fmt), torch.tensor(0)
+        else:
+            scale, zero = compute_qparams(lo, hi, self.fmt)
         self.set_qparams(scale, zero)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        self.scale.copy_(scale.reshape(()))
-        self.zero_point.copy_(zero_point.reshape(()))
+        with torch.no_grad():
+            self.scale.copy_(torch.as_tensor(scale).reshape(()))
+            self.zero_point.copy_(torch.as_tensor(zero_point).reshape(()))
         self.calibrating, self.observer = False, None
+
+    def make_scale_learnable(self) -> None:
+        if isinstance(self.fmt, IntFormat) and not isinstance(self.scale, nn.Parameter):
+            scale = self.scale
+            del self._buffers["scale"]
+            self.scale = nn.Parameter(scale.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self.observer.observe(x)
             return x
+        if isinstance(self.fmt, FloatFormat):
+            return fp8_fake_quantize(x, self.scale, self.fmt)
+        if isinstance(self.scale, nn.Parameter):
+            grad_scale = 1.0 / math.sqrt(x[0].numel() * self.fmt.qmax)
+            return lsq_fake_quantize(x, self.scale.clamp_min(1e-12), self.zero_point, self.fmt, grad_scale)
         # exported to ONNX as QuantizeLinear + DequantizeLinear
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.fmt.qmin, self.fmt.qmax)
 
     def extra_repr(self) -> str:
-        return f"{self.tensor_name}, uint{self.fmt.bits}" if not self.fmt.signed else f"{self.tensor_name}, int{self.fmt.bits}"
+        if isinstance(self.fmt, FloatFormat):
+            return f"{self.tensor_name}, fp8-{self.fmt.name}"
+        return f"{self.tensor_name}, {'int' if self.fmt.signed else 'uint'}{self.fmt.bits}"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a layer's weight is quantized: ``fmt`` an integer or FP8 grid (None: left in float); one scale
+    per output channel, per tensor (``per_channel=False``), or per group of ``group_size`` consecutive input
+    channels (integer formats; the ONNX DequantizeLinear block layout)."""
+
+    fmt: IntFormat | FloatFormat | None = INT8_WEIGHT
+    per_channel: bool = True
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.group_size is not None:
+            if not isinstance(self.group_size, int) or self.group_size < 2:
+                raise ConfigError(f"group_size={self.group_size!r} is not supported; accepted: an integer >= 2 "
+                                  "that divides the layer's input channels, or None (per output channel)")
+            if isinstance(self.fmt, FloatFormat):
+                raise ConfigError("group_size applies to integer formats; FP8 weights take one scale per "
+                                  "output channel or per tensor (group_size=None)")
+
+    def describe(self) -> str:
+        if self.fmt is None:
+            return "float"
+        name = f"fp8-{self.fmt.name}" if isinstance(self.fmt, FloatFormat) else \
+            f"{'int' if self.fmt.signed else 'uint'}{self.fmt.bits}"
+        gran = f"group {self.group_size}" if self.group_size else ("per-channel" if self.per_channel else "per-tensor")
+        return f"{name} {gran}"
+
+
+def weight_params(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point of weight ``w`` (PyTorch layout: output channels on axis 0) for ``spec``:
+    shape [O] per channel, [] per tensor, ``group_shape`` per group."""
+    fmt = spec.fmt
+    if fmt is None:
+        return torch.ones(()), torch.zeros((), dtype=torch.int32)
+    if isinstance(fmt, FloatFormat):
+        a = w.detach().abs()
+        amax = a.flatten(1).max(1).values if spec.per_channel else a.max()
+        return fp8_scale(amax, fmt), torch.zeros((), dtype=torch.int32)
+    return weight_qparams(w, fmt, spec.per_channel, 0, spec.group_size, 1)
+
+
+def broadcast_param(param: torch.Tensor, spec: WeightSpec, ndim: int) -> torch.Tensor:
+    """A weight's scale or zero point shaped to broadcast against the weight."""
+    if spec.group_size:
+        return expand_groups(param, spec.group_size, 1)
+    if param.ndim == 1:
+        return param.reshape(-1, *[1] * (ndim - 1))
+    return param
+
+
+def weight_values(w: torch.Tensor, spec: WeightSpec, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The stored values of ``w``: int32 integers on an integer grid, or a torch float8 tensor."""
+    s = broadcast_param(scale.detach(), spec, w.ndim)
+    if isinstance(spec.fmt, FloatFormat):
+        return fp8_quantize(w.detach(), s, spec.fmt)
+    return quantize(w.detach(), s, broadcast_param(zero, spec, w.ndim), spec.fmt)
 
 
 class _WeightQuantMixin:
-    fmt: IntFormat = INT8_WEIGHT
+    """Weight fake quantization for the twins. Scales and zero points are buffers (``weight_scale``,
+    ``weight_zero_point``), or a learnable parameter after ``make_scale_learnable`` (QAT with LSQ)."""
 
-    def _init_weight_quant(self, per_channel: bool) -> None:
-        self.per_channel = per_channel
-        scale, zero = weight_qparams(self.weight, self.fmt, per_channel)
+    spec: WeightSpec = WeightSpec()
+
+    def _init_weight_quant(self, spec: WeightSpec) -> None:
+        self.spec = spec
+        scale, zero = weight_params(self.weight, spec)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero)
 
+    def make_scale_learnable(self) -> None:
+        """Turn ``weight_scale`` into a parameter trained with the LSQ gradient (integer formats)."""
+        if isinstance(self.spec.fmt, IntFormat) and not isinstance(self.weight_scale, nn.Parameter):
+            scale = self.weight_scale
+            del self._buffers["weight_scale"]
+            self.weight_scale = nn.Parameter(scale.clone())
+
+    def _broadcast(self, param: torch.Tensor) -> torch.Tensor:
+        return broadcast_param(param, self.spec, self.weight.ndim)
+
     def qweight(self) -> torch.Tensor:
-        axis = 0 if self.per_channel else None
-        return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, self.fmt, axis)
+        fmt = self.spec.fmt
+        if fmt is None:
+            return self.weight
+        scale = self._broadcast(self.weight_scale)
+        if isinstance(fmt, FloatFormat):
+            return fp8_fake_quantize(self.weight, scale, fmt)
+        zero = self._broadcast(self.weight_zero_point)
+        if isinstance(self.weight_scale, nn.Parameter):
+            grad_scale = 1.0 / math.sqrt(self.weight[0].numel() * fmt.qmax)
+            return lsq_fake_quantize(self.weight, scale.clamp_min(1e-12), zero, fmt, grad_scale)
+        return fake_quantize(self.weight, scale, zero, fmt)
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, scale, zero point) as they are saved: int32 integers or float8 values, PyTorch layout."""
+        scale = self.weight_scale.detach().clamp_min(1e-12) if isinstance(self.weight_scale, nn.Parameter) \
+            else self.weight_scale
+        return weight_values(self.weight, self.spec, scale, self.weight_zero_point), scale, self.weight_zero_point
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight={self.spec.describe()}"
 
 
 class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
     @classmethod
-    def from_float(cls, m: nn.Conv2d, per_channel: bool = True) -> "QuantConv2d":
+    def from_float(cls, m: nn.Conv2d, spec: WeightSpec = WeightSpec()) -> "QuantConv2d":
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                 m.bias is not None, m.padding_mode)
         q.load_state_dict(m.state_dict())
-        q._init_weight_quant(per_channel)
+        q._init_weight_quant(spec)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +188,10 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
 
 class QuantLinear(_WeightQuantMixin, nn.Linear):
     @classmethod
-    def from_float(cls, m: nn.Linear, per_channel: bool = True) -> "QuantLinear":
+    def from_float(cls, m: nn.Linear, spec: WeightSpec = WeightSpec()) -> "QuantLinear":
         q = cls(m.in_features, m.out_features, m.bias is not None)
         q.load_state_dict(m.state_dict())
-        q._init_weight_quant(per_channel)
+        q._init_weight_quant(spec)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

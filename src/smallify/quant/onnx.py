@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -23,10 +24,11 @@ from smallify import data as data_mod
 from smallify import onnx_io
 from smallify.errors import DataError, ModelError
 from smallify.progress import track
+from smallify.quant import modules as qmod
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
 from smallify.quant.placement import GNode, choose_scheme, place
-from smallify.quant.primitives import INT8_WEIGHT, compute_qparams, quantize, weight_qparams
+from smallify.quant.primitives import INT8_WEIGHT, FloatFormat, IntFormat, compute_qparams, quantize, weight_qparams
 from smallify.quant.report import LayerReport, QuantReport
 
 _KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add",
@@ -277,63 +279,146 @@ def fold_relu_into_quantize(model: onnx.ModelProto) -> int:
     return removed
 
 
-def quantize_weights(model: onnx.ModelProto, layers: set[str] | None, per_channel: bool) -> list[str]:
-    """Store the weights of Conv/Gemm/MatMul nodes whose activation input comes from a DequantizeLinear as int8
-    (symmetric, per output channel for Conv/Gemm), and their biases as int32 with scale s_x * s_w.
+def _weight_axes(node: onnx.NodeProto) -> tuple[int, bool]:
+    """(output-channel axis of the weight in ONNX layout, whether that layout is PyTorch's transposed)."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return (0, False) if trans_b else (1, True)
+    if node.op_type == "MatMul":
+        return 1, True
+    return 0, False
 
-    ``layers``: the node names (or weight names) to quantize; None means every eligible node.
-    Returns the names of the nodes quantized.
+
+def _onnx_type(fmt) -> int:
+    if isinstance(fmt, FloatFormat):
+        return {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}[fmt.name]
+    if fmt.bits == 8:
+        return TensorProto.INT8 if fmt.signed else TensorProto.UINT8
+    return TensorProto.INT4 if fmt.signed else TensorProto.UINT4
+
+
+def storage_tensor(name: str, values: torch.Tensor, fmt) -> onnx.TensorProto:
+    """An initializer in the format's storage type: int8/uint8; int4/uint4 packed two per byte (first value in
+    the low nibble, as ONNX stores them; 2- and 3-bit grids are stored as 4-bit); or FP8."""
+    dtype = _onnx_type(fmt)
+    if dtype in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
+        raw = values.to(fmt.torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
+    elif dtype in (TensorProto.INT4, TensorProto.UINT4):
+        u = (values.numpy().astype(np.int64).ravel() & 0xF).astype(np.uint8)
+        u = np.concatenate([u, np.zeros(len(u) % 2, np.uint8)])
+        raw = (u[0::2] | (u[1::2] << 4)).tobytes()
+    else:
+        return numpy_helper.from_array(values.numpy().astype(np.int8 if dtype == TensorProto.INT8 else np.uint8), name)
+    return helper.make_tensor(name, dtype, list(values.shape), raw, raw=True)
+
+
+def require_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default-domain opset to at least ``version`` (int4 and blocked DequantizeLinear need 21)."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version < version:
+            imp.version = version
+    model.ir_version = max(model.ir_version, 10)
+
+
+def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int, spec: qmod.WeightSpec,
+                       stored: tuple | None) -> tuple[list[onnx.NodeProto], torch.Tensor]:
+    """Replace the weight input ``w_idx`` of ``node`` by DequantizeLinear of its quantized form; returns the
+    new nodes and the weight scale in PyTorch layout."""
+    g = model.graph
+    wname = node.input[w_idx]
+    w = torch.from_numpy(numpy_helper.to_array(next(i for i in g.initializer if i.name == wname)).astype(np.float32))
+    out_axis, transposed = _weight_axes(node)
+    wt = w.T if transposed else w
+    if stored is None:
+        scale, zero = qmod.weight_params(wt, spec)
+        values = qmod.weight_values(wt, spec, scale, zero)
+    else:
+        values, scale, zero = stored
+    scale = scale.detach().float()
+    onnx_scale, onnx_zero = scale, zero
+    if transposed:
+        values = values.T
+        if spec.group_size:
+            onnx_scale, onnx_zero = scale.T, zero.T
+    attrs = {}
+    if spec.group_size:
+        attrs = {"axis": 0 if transposed else 1, "block_size": spec.group_size}
+        require_opset(model, 21)
+    elif scale.ndim == 1:
+        attrs = {"axis": out_axis}
+    fmt = spec.fmt
+    inputs = [f"{wname}:q", f"{wname}:s"]
+    g.initializer.append(storage_tensor(inputs[0], values, fmt))
+    g.initializer.append(numpy_helper.from_array(onnx_scale.numpy().astype(np.float32), inputs[1]))
+    if isinstance(fmt, IntFormat):
+        if fmt.bits < 8:
+            require_opset(model, 21)
+        if fmt.bits == 8 or not fmt.symmetric:   # int8: explicit zeros (what ORT's QDQ fusions expect)
+            zp = onnx_zero.expand_as(onnx_scale) if onnx_zero.ndim < onnx_scale.ndim else onnx_zero
+            g.initializer.append(storage_tensor(f"{wname}:zp", zp.to(torch.int32), fmt))
+            inputs.append(f"{wname}:zp")
+    node.input[w_idx] = f"{wname}:dq"
+    return [helper.make_node("DequantizeLinear", inputs, [f"{wname}:dq"], **attrs)], scale
+
+
+def _int32_bias(model: onnx.ModelProto, node: onnx.NodeProto, x_scale: float, w_scale: torch.Tensor,
+                consts: dict) -> list[onnx.NodeProto]:
+    """Store the bias of a Conv/Gemm with INT8 input and weights as int32 at scale s_x * s_w (what QLinearConv
+    and QGemm take)."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
+        return []
+    bname = node.input[2]
+    b = consts[bname].astype(np.float64)
+    per_channel = w_scale.ndim == 1
+    b_scale = x_scale * w_scale.double().numpy()
+    if b.ndim != 1 or (per_channel and b.shape[0] != w_scale.numel()):
+        return []
+    qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
+    model.graph.initializer.append(numpy_helper.from_array(qb, f"{bname}:q"))
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(b_scale, np.float32), f"{bname}:s"))
+    node.input[2] = f"{bname}:dq"
+    return [helper.make_node("DequantizeLinear", [f"{bname}:q", f"{bname}:s"], [f"{bname}:dq"],  # zero point 0
+                             **({"axis": 0} if per_channel else {}))]
+
+
+SpecFn = Callable[[str, str, int], "qmod.WeightSpec | None"]
+
+
+def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | None = None,
+                     static: bool = True) -> list[str]:
+    """Store the constant weights of Conv/Gemm/MatMul nodes quantized, each rebuilt by a DequantizeLinear.
+
+    ``spec_for(layer name, weight name, input channels)`` gives each layer's ``WeightSpec`` (None or a float
+    format: leave it). ``stored``: weight name -> (values, scale, zero point) computed by PyTorch twins.
+    ``static``: only layers whose activation input comes from a DequantizeLinear (W8A8); their biases become
+    int32 when the weights are INT8 per channel or per tensor. Returns the names of the layers quantized.
     """
     g = model.graph
     consts = _constants(model)
     producer = {o: n for n in g.node for o in n.output}
-    inits = {i.name: i for i in g.initializer}
+    inits = {i.name for i in g.initializer}
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     done = []
     for idx, node in enumerate(g.node):
         w_idx = _weight_input(node, consts)
         if w_idx is None or node.input[w_idx] not in inits:
             continue
-        wname = node.input[w_idx]
-        if layers is not None and _layer_name(node, consts) not in layers and wname not in layers:
+        wname, name = node.input[w_idx], _layer_name(node, consts)
+        w = consts[wname]
+        in_channels = w.shape[0] if _weight_axes(node)[1] else w.shape[1]
+        spec = spec_for(name, wname, in_channels)
+        if spec is None or spec.fmt is None:
             continue
         dq = producer.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in consts:
+        static_input = dq is not None and dq.op_type == "DequantizeLinear" and dq.input[1] in consts
+        if static and not static_input:
             continue
-        x_scale = float(consts[dq.input[1]])
-        w = torch.from_numpy(consts[wname].astype(np.float32))
-        axis = 0
-        if node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axis = 0 if trans_b else 1
-        elif node.op_type == "MatMul":
-            axis = 1
-        scale, zero = weight_qparams(w, INT8_WEIGHT, per_channel, axis)
-        q = quantize(w, scale, zero, INT8_WEIGHT, axis if per_channel else None).to(torch.int8)
-        qname = f"{wname}:q"
-        g.initializer.append(numpy_helper.from_array(q.numpy(), qname))
-        g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{wname}:s"))
-        g.initializer.append(numpy_helper.from_array(zero.numpy().astype(np.int8), f"{wname}:zp"))
-        attrs = {"axis": axis} if per_channel else {}
-        nodes = [helper.make_node("DequantizeLinear", [qname, f"{wname}:s", f"{wname}:zp"],
-                                  [f"{wname}:dq"], **attrs)]
-        node.input[w_idx] = f"{wname}:dq"
-        b_idx = 2
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
-            bname = node.input[b_idx]
-            b = consts[bname].astype(np.float64)
-            b_scale = (x_scale * scale.double().numpy()) if per_channel else np.array(x_scale * float(scale), np.float64)
-            if b.ndim == 1 and (not per_channel or b.shape[0] == scale.numel()):
-                qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
-                bq = f"{bname}:q"
-                g.initializer.append(numpy_helper.from_array(qb, bq))
-                g.initializer.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{bname}:s"))
-                nodes.append(helper.make_node("DequantizeLinear", [bq, f"{bname}:s"],  # zero point: 0
-                                              [f"{bname}:dq"],
-                                              **({"axis": 0} if per_channel else {})))
-                node.input[b_idx] = f"{bname}:dq"
+        nodes, w_scale = _dequantize_weight(model, node, w_idx, spec, (stored or {}).get(wname))
+        if static_input and isinstance(spec.fmt, IntFormat) and spec.fmt.bits == 8 and not spec.group_size \
+                and consts[dq.input[1]].ndim == 0:
+            nodes += _int32_bias(model, node, float(consts[dq.input[1]]), w_scale, consts)
         new_nodes[idx] = nodes
-        done.append(_layer_name(node, consts))
+        done.append(name)
     nodes = []
     for idx, node in enumerate(g.node):
         nodes += new_nodes.get(idx, [])
@@ -470,7 +555,8 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     elapsed = time.perf_counter() - start
     insert_qdq(model, qparams, fmt.signed, placement.only_for)
     fold_relu_into_quantize(model)
-    quantize_weights(model, {r.name for r in reports if r.status == "quantized"}, config.per_channel)
+    chosen = {r.name for r in reports if r.status == "quantized"}
+    quantize_weights(model, lambda name, wname, _: config.weight_spec(name, wname) if name in chosen else None)
     for table in quantize_embeddings(model):
         reports.append(LayerReport(table, "Gather", "quantized", "embedding table: weight-only int8 per row"))
     model.producer_name = "smallify"

@@ -43,6 +43,32 @@ class IntFormat:
         return torch.int8 if self.signed else torch.uint8
 
 
+@dataclass(frozen=True)
+class FloatFormat:
+    """An 8-bit float grid (OCP FP8): 'e4m3' (max 448, finer steps: weights and activations) or 'e5m2'
+    (max 57344, wider range: gradients, outliers). Values are scaled into the grid: x' = fp8(x / scale) * scale."""
+
+    name: str = "e4m3"
+
+    def __post_init__(self):
+        if self.name not in FP8_FORMATS:
+            raise ConfigError(f"fp8 format {self.name!r} is not supported; accepted: {', '.join(FP8_FORMATS)}")
+
+    @property
+    def bits(self) -> int:
+        return 8
+
+    @property
+    def max(self) -> float:
+        return FP8_FORMATS[self.name][1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return FP8_FORMATS[self.name][0]
+
+
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+
 INT8_WEIGHT = IntFormat(8, signed=True, symmetric=True)
 UINT8_ACT = IntFormat(8, signed=False, symmetric=False)
 INT8_ACT = IntFormat(8, signed=True, symmetric=False)
@@ -106,15 +132,69 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return y
 
 
+def fp8_scale(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """The scale that maps |x| <= amax onto the format's largest finite value."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Float -> FP8 values (a torch float8 tensor), saturating at the format's maximum (ONNX saturate=1)."""
+    return torch.clamp(x.float() / scale, -fmt.max, fmt.max).to(fmt.torch_dtype)
+
+
+def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Round to the FP8 grid and back (``scale`` broadcasts against ``x``); straight-through gradient."""
+    y = fp8_quantize(x, scale, fmt).to(torch.float32) * scale
+    if x.requires_grad:
+        y = x + (y - x).detach()
+    return y
+
+
+def group_shape(shape: tuple[int, ...], group_size: int, axis: int) -> tuple[int, ...]:
+    """Shape of per-group parameters: ``shape`` with ``axis`` divided by ``group_size`` (ONNX block layout)."""
+    if shape[axis] % group_size:
+        raise ConfigError(f"group_size={group_size} does not divide the {shape[axis]} channels of a weight of "
+                          f"shape {tuple(shape)}; accepted: a divisor of {shape[axis]} (or None for per-channel)")
+    out = list(shape)
+    out[axis] //= group_size
+    return tuple(out)
+
+
+def expand_groups(param: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
+    """Per-group parameters repeated to the weight's shape (each value covers ``group_size`` elements)."""
+    return param.repeat_interleave(group_size, dim=axis)
+
+
 def weight_qparams(w: torch.Tensor, fmt: IntFormat = INT8_WEIGHT, per_channel: bool = True,
-                   axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max parameters of a weight tensor, per output channel (``axis``) or per tensor."""
+                   axis: int = 0, group_size: int | None = None,
+                   group_axis: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max parameters of a weight tensor: per output channel (``axis``), per tensor, or per group of
+    ``group_size`` consecutive elements along ``group_axis`` (shape from ``group_shape``)."""
     if not torch.isfinite(w).all():
         raise ConfigError("weight holds NaN or Inf; cannot quantize it")
+    w = w.detach()
+    if group_size is not None:
+        shape = group_shape(tuple(w.shape), group_size, group_axis)
+        blocks = w.movedim(group_axis, -1).reshape(*[s for i, s in enumerate(w.shape) if i != group_axis], -1, group_size)
+        lo, hi = blocks.min(-1).values.movedim(-1, group_axis), blocks.max(-1).values.movedim(-1, group_axis)
+        scale, zero = compute_qparams(lo.reshape(shape), hi.reshape(shape), fmt)
+        return scale, zero
     if per_channel:
-        flat = w.detach().transpose(0, axis).reshape(w.shape[axis], -1)
+        flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
         return compute_qparams(flat.min(1).values, flat.max(1).values, fmt)
-    return compute_qparams(w.detach().min(), w.detach().max(), fmt)
+    return compute_qparams(w.min(), w.max(), fmt)
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: IntFormat,
+                      grad_scale: float) -> torch.Tensor:
+    """Fake quantization with a learnable step size (LSQ, Esser et al. 2020). ``scale`` and ``zero_point``
+    broadcast against ``x``. Gradients: straight through the rounding for ``x`` inside the range; for
+    ``scale`` the LSQ estimate, multiplied by ``grad_scale`` (1 / sqrt(elements * qmax) in the paper)."""
+    s = scale * grad_scale + (scale - scale * grad_scale).detach()   # value: scale; gradient: scaled
+    v = torch.clamp(x / s + zero_point, fmt.qmin, fmt.qmax)
+    q = v + (torch.round(v) - v).detach()                            # round with a straight-through gradient
+    return (q - zero_point) * s
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

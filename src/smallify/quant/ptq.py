@@ -104,7 +104,7 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
     fmt = config.activation_format
     for name in chosen:
         m = gm.get_submodule(name)
-        qmod.replace_module(gm, name, qmod.lookup(m)[1].from_float(m, per_channel=config.per_channel))
+        qmod.replace_module(gm, name, qmod.lookup(m)[1].from_float(m, config.weight_spec(name)))
     gm.add_module("act_quant", nn.ModuleDict())
     by_name = {n.name: n for n in gm.graph.nodes}
     for t in placement.tensors():
