@@ -2,8 +2,9 @@
 from smallify.api import QuantizedONNX, quantize
 from smallify.errors import ConfigError, DataError, ModelError, OutputError, SmallifyError
 from smallify.export.onnx import export_onnx
-from smallify.quant.config import Int8Static
+from smallify.pack import load, save
+from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "export_onnx", "Int8Static", "QuantizedONNX", "SmallifyError", "ConfigError",
+__all__ = ["quantize", "export_onnx", "save", "load", "Int8Static", "FP8Static", "WeightOnly", "Float16", "QuantizedONNX", "SmallifyError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
-from smallify.errors import ConfigError, ModelError
-from smallify.quant.config import Int8Static
+from smallify.errors import ConfigError, DataError, ModelError
+from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
 from smallify.quant.report import QuantReport
+
+
+CONFIGS = (Int8Static, FP8Static, WeightOnly, Float16)
 
 
 @dataclass
@@ -25,24 +28,42 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
              progress: bool = True):
     """Quantize ``model`` with ``config`` (default ``Int8Static()``), calibrating on ``data``.
 
+    Configs: ``Int8Static`` (INT8 activations, INT8 or lower weights; calibrated), ``FP8Static`` (calibrated),
+    ``WeightOnly`` (int2..int8 weights, per group; no data) and ``Float16`` (fp16/bf16; no data).
+
     * ``nn.Module``: returns a quantized ``torch.fx.GraphModule`` (its ``quant_report`` lists every layer:
       quantized, or left in float and why). Export it with ``export_onnx``.
     * path to an ``.onnx`` file or an ``onnx.ModelProto``: returns ``QuantizedONNX``; writes ``out`` if given.
       ``data`` may also be the path of a .npz file (one array per model input).
     """
     config = Int8Static() if config is None else config
-    if not isinstance(config, Int8Static):
-        raise ConfigError(f"config of type {type(config).__name__} is not supported here; accepted: Int8Static")
+    if not isinstance(config, CONFIGS):
+        raise ConfigError(f"config of type {type(config).__name__} is not supported here; accepted: "
+                          f"{', '.join(c.__name__ for c in CONFIGS)}")
+    static = isinstance(config, Int8Static)
+    if static and data is None:
+        raise DataError(f"{type(config).__name__} calibrates activations on data: pass data= (an iterable of "
+                        "batches, a tensor, a dict of arrays or a .npz path); WeightOnly and Float16 need none")
     if isinstance(model, nn.Module):
-        from smallify.quant.ptq import quantize_module
-
         if out is not None:
-            raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)")
-        return quantize_module(model, config, data, progress)
-    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        from smallify.quant.onnx import quantize_onnx
+            raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)"
+                              " or smallify.save(qmodel, path)")
+        if static:
+            from smallify.quant.ptq import quantize_module
 
-        proto, report = quantize_onnx(model, config, data, out, progress)
+            return quantize_module(model, config, data, progress)
+        from smallify.quant.weight_only import half_module, weight_only_module
+
+        return (weight_only_module if isinstance(config, WeightOnly) else half_module)(model, config)
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        if static:
+            from smallify.quant.onnx import quantize_onnx
+
+            proto, report = quantize_onnx(model, config, data, out, progress)
+        else:
+            from smallify.quant.weight_only import convert_onnx
+
+            proto, report = convert_onnx(model, config, out)
         return QuantizedONNX(proto, None if out is None else str(out), report)
     raise ModelError(f"cannot quantize a {type(model).__name__}; accepted: torch.nn.Module, path to .onnx, "
                      "onnx.ModelProto")

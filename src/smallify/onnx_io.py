@@ -44,11 +44,16 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` to a temporary file beside ``path`` and rename it: never a half-written file."""
+    return write_atomic(path, lambda tmp: onnx.save(model, tmp))
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call ``write(temporary path)`` beside ``path``, then rename the result onto ``path``."""
     path = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        onnx.save(model, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

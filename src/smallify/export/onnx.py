@@ -19,6 +19,7 @@ from smallify import onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
 from smallify.quant.primitives import FloatFormat
+from smallify.quant.weight_only import HalfPrecision, store_half
 from smallify.quant.onnx import compact, fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
 
 
@@ -67,6 +68,10 @@ def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], dic
         p.requires_grad_(False)  # the exporter has no decomposition for the training form of fake_quantize
     weights, twins = {}, {}
     for name, m in list(gm.named_modules()):
+        if isinstance(m, HalfPrecision):   # float32 compute on the half-precision values; stored half (store_half)
+            plain = copy.deepcopy(m.layer).float()
+            qmod.replace_module(gm, name, plain)
+            weights[name], twins[name] = plain.weight, m
         if isinstance(m, qmod.ActQuant):
             qmod.replace_module(gm, name, _ExportActQuant(m))
         if isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
@@ -123,13 +128,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
     A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
     int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
     onnx_io.check_writable(path)
-    quantized = any(isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear, qmod.ActQuant)) for m in model.modules())
+    quantized = any(isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear, qmod.ActQuant, HalfPrecision))
+                    for m in model.modules())
     plain, weights, twins = _float_twins(model) if quantized else (model, {}, {})
     proto = to_onnx_proto(plain, example_inputs, dynamic_batch, input_names=input_names)
     if quantized:
         weight_names = _weight_initializers(proto, weights)
         reduce_mean_to_global_average_pool(proto)
         fold_relu_into_quantize(proto)
+        halves = {w: twins[module].dtype for w, module in weight_names.items() if isinstance(twins[module], HalfPrecision)}
+        weight_names = {w: module for w, module in weight_names.items() if w not in halves}
+        if halves:
+            store_half(proto, next(iter(halves.values())), lambda name, wname: wname in halves)
         specs = {w: twins[module].spec for w, module in weight_names.items()}
         stored = {w: twins[module].stored() for w, module in weight_names.items()}
         static = any(isinstance(m, qmod.ActQuant) for m in model.modules())

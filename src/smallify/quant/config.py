@@ -141,6 +141,9 @@ class FP8Static(Int8Static):
 
     def __post_init__(self):
         check_choice("format", self.format, tuple(FP8_FORMATS))
+        if self.calibration not in ("minmax", "percentile"):
+            raise ConfigError(f"calibration={self.calibration!r} is not supported with FP8 (its histogram search "
+                              "targets integer grids); accepted: 'minmax', 'percentile'")
         if self.weight_bits != 8 or self.group_size is not None:
             raise ConfigError("FP8Static takes no weight_bits or group_size; FP8 is 8 bits with one scale per "
                               "output channel (per_channel=True) or per tensor")

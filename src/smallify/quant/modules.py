@@ -20,6 +20,13 @@ from smallify.quant.primitives import (INT8_WEIGHT, FloatFormat, IntFormat, comp
                                        weight_qparams)
 
 
+def act_qparams(lo, hi, fmt: IntFormat | FloatFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scale and zero point of an activation range: affine on integer grids, symmetric for FP8."""
+    if isinstance(fmt, FloatFormat):
+        return fp8_scale(max(abs(float(lo)), abs(float(hi))), fmt), torch.tensor(0, dtype=torch.int32)
+    return compute_qparams(lo, hi, fmt)
+
+
 class ActQuant(nn.Module):
     """Per-tensor activation quantizer: observes while calibrating, then fake-quantizes (integer or FP8 grid).
     After ``make_scale_learnable`` (QAT) its scale is a parameter trained with the LSQ gradient."""
@@ -33,12 +40,7 @@ class ActQuant(nn.Module):
 
     def freeze(self) -> None:
         """Turn the observed range into a scale and zero point, and start quantizing."""
-        lo, hi = observers.range_of(self.observer)
-        if isinstance(self.fmt, FloatFormat):
-            scale, zero = fp8_scale(max(abs(float(lo)), abs(float(hi))), self.fmt), torch.tensor(0)
-        else:
-            scale, zero = compute_qparams(lo, hi, self.fmt)
-        self.set_qparams(scale, zero)
+        self.set_qparams(*act_qparams(*observers.range_of(self.observer), self.fmt))
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         with torch.no_grad():

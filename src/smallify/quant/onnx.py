@@ -191,20 +191,20 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
     return obs, samples
 
 
-def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], signed: bool,
+def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], fmt,
                only_for: dict[str, set[str]] | None = None) -> None:
     """Insert QuantizeLinear -> DequantizeLinear after each tensor in ``qparams`` and rewire its consumers
     (only those named in ``only_for[tensor]``, by layer name, when given)."""
     g = model.graph
     consts = _constants(model)
     only_for = only_for or {}
-    zdtype = TensorProto.INT8 if signed else TensorProto.UINT8
+    zdtype = _onnx_type(fmt)
     inserted: dict[str, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
     for t, (scale, zero) in qparams.items():
         s_name, z_name, q_name, dq_name = f"{t}:s", f"{t}:zp", f"{t}:q", f"{t}:dq"
         g.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
-        g.initializer.append(helper.make_tensor(z_name, zdtype, [], [int(zero)]))
+        g.initializer.append(helper.make_tensor(z_name, zdtype, [], [int(zero) if zdtype in (TensorProto.INT8, TensorProto.UINT8) else 0.0]))
         inserted[t] = [helper.make_node("QuantizeLinear", [t, s_name, z_name], [q_name]),
                        helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name])]
         rename[t] = dq_name
@@ -268,6 +268,7 @@ def fold_relu_into_quantize(model: onnx.ModelProto) -> int:
         if n.op_type == "Relu" and n.output[0] not in outputs:
             qs = users.get(n.output[0], [])
             if qs and all(q.op_type == "QuantizeLinear" and len(q.input) > 2 and q.input[2] in consts
+                          and consts[q.input[2]].dtype.kind in "iu"
                           and int(consts[q.input[2]]) == np.iinfo(consts[q.input[2]].dtype).min for q in qs):
                 for q in qs:
                     q.input[0] = n.input[0]
@@ -548,12 +549,12 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     fmt = config.activation_format
     qparams = {}
     for t in placement.calibrated:
-        s, z = compute_qparams(*observers.range_of(obs[t]), fmt)
+        s, z = qmod.act_qparams(*observers.range_of(obs[t]), fmt)
         qparams[t] = (float(s), int(z))
     for t, src in placement.shared.items():
         qparams[t] = qparams[src]
     elapsed = time.perf_counter() - start
-    insert_qdq(model, qparams, fmt.signed, placement.only_for)
+    insert_qdq(model, qparams, fmt, placement.only_for)
     fold_relu_into_quantize(model)
     chosen = {r.name for r in reports if r.status == "quantized"}
     quantize_weights(model, lambda name, wname, _: config.weight_spec(name, wname) if name in chosen else None)

@@ -199,5 +199,6 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
+    reference, approx = reference.detach(), approx.detach()
     noise = (reference.double() - approx.double()).pow(2).sum()
     return float(10 * torch.log10(reference.double().pow(2).sum() / noise.clamp_min(1e-30)))

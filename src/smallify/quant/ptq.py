@@ -119,13 +119,17 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
     gm.recompile()
 
     start, samples = time.perf_counter(), 0
-    with torch.no_grad():
-        stream = data_mod.batches(data, names, limit=config.max_calibration_samples)
-        for batch in track(stream, "calibrating", progress):
-            gm(*[batch[n] for n in names])
-            samples += next(iter(batch.values())).shape[0]
-    for t in placement.calibrated:
-        gm.act_quant[t].freeze()
+    if data is None:    # structure only: parameters come from a saved file (smallify.load)
+        for q in gm.act_quant.values():
+            q.calibrating, q.observer = False, None
+    else:
+        with torch.no_grad():
+            stream = data_mod.batches(data, names, limit=config.max_calibration_samples)
+            for batch in track(stream, "calibrating", progress):
+                gm(*[batch[n] for n in names])
+                samples += next(iter(batch.values())).shape[0]
+        for t in placement.calibrated:
+            gm.act_quant[t].freeze()
     for t, src in placement.shared.items():
         gm.act_quant[t].set_qparams(gm.act_quant[src].scale, gm.act_quant[src].zero_point)
     gm.quant_config = config

@@ -1,0 +1,180 @@
+"""Weight-only quantization (round to nearest) and half-precision conversion, for PyTorch modules and ONNX.
+
+PyTorch: Conv2d/Linear layers are swapped in a copy of the model for twins that hold the weight grid
+(``modules.QuantConv2d``/``QuantLinear``) or compute in half precision (``HalfPrecision``); no tracing, so it
+works on any module, Hugging Face models included. ONNX: the weights of Conv/Gemm/MatMul are stored
+quantized (int4/int8/FP8) or in half precision and rebuilt in front of the layer.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from smallify import onnx_io
+from smallify.quant import modules as qmod
+from smallify.quant.config import Float16, WeightOnly
+from smallify.quant.report import LayerReport, QuantReport
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class HalfPrecision(nn.Module):
+    """A layer that computes in fp16/bf16: float32 in, cast to half, the layer, cast back to float32."""
+
+    def __init__(self, layer: nn.Module, dtype: str):
+        super().__init__()
+        self.dtype = dtype
+        self.layer = copy.deepcopy(layer).to(HALF[dtype])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.to(HALF[self.dtype])).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return self.dtype
+
+
+def _weight_layers(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
+            yield name, m
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each BatchNorm folded into the convolution before it (what every runtime and
+    the ONNX exporter do), so that the weights quantized are the weights that run; models that torch.fx
+    cannot trace (e.g. Hugging Face transformers, which have no BatchNorm) are copied as they are."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        return fuse(model)
+    except Exception:
+        return model
+
+
+def weight_only_module(model: nn.Module, config: WeightOnly) -> nn.Module:
+    """A copy of ``model`` with its Conv2d/Linear weights on ``config``'s grid; ``quant_report`` lists each."""
+    model = fold_batchnorm(model)
+    reports, start = [], time.perf_counter()
+    for name, m in list(_weight_layers(model)):
+        spec = config.weight_spec(m.weight.shape[1], name)
+        if spec.fmt is None:
+            pattern = config.skip_pattern(name)
+            reports.append(LayerReport(name, type(m).__name__, "float",
+                                       f"skipped by pattern {pattern!r}" if pattern else "layer_bits: float"))
+            continue
+        qmod.replace_module(model, name, qmod.lookup(m)[1].from_float(m, spec))
+        reports.append(LayerReport(name, type(m).__name__, "quantized", spec.describe()))
+    model.quant_config = config
+    model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "weight-only")
+    return model
+
+
+def half_module(model: nn.Module, config: Float16) -> nn.Module:
+    """A copy of ``model`` whose selected Conv2d/Linear layers compute in ``config.dtype``."""
+    model = fold_batchnorm(model)
+    reports = []
+    for name, m in list(_weight_layers(model)):
+        if config.selects(name):
+            qmod.replace_module(model, name, HalfPrecision(m, config.dtype))
+            reports.append(LayerReport(name, type(m).__name__, "quantized", config.dtype))
+        else:
+            reports.append(LayerReport(name, type(m).__name__, "float", "not selected by layers/skip"))
+    model.quant_config = config
+    model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, config.dtype)
+    return model
+
+
+def _onnx_layers(model: onnx.ModelProto):
+    from smallify.quant.onnx import _constants, _layer_name, _weight_axes, _weight_input
+
+    consts = _constants(model)
+    inits = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        w_idx = _weight_input(node, consts)
+        if w_idx is not None and node.input[w_idx] in inits:
+            w = consts[node.input[w_idx]]
+            yield node, w_idx, _layer_name(node, consts), (w.shape[0] if _weight_axes(node)[1] else w.shape[1])
+
+
+def weight_only_onnx(model: onnx.ModelProto, config: WeightOnly) -> tuple[onnx.ModelProto, QuantReport]:
+    """Weight-only quantization of an ONNX graph: DequantizeLinear (int4/uint4 blocks, int8) in front of each
+    layer; ONNX Runtime turns DequantizeLinear(int4 blocks) + MatMul into its MatMulNBits kernel."""
+    from smallify.quant.onnx import quantize_weights
+
+    start = time.perf_counter()
+    reports, specs = [], {}
+    for node, w_idx, name, in_ch in _onnx_layers(model):
+        spec = config.weight_spec(in_ch, name, node.input[w_idx])
+        specs[node.input[w_idx]] = spec
+        reports.append(LayerReport(name, node.op_type, "float" if spec.fmt is None else "quantized",
+                                   "skipped" if spec.fmt is None else spec.describe()))
+    quantize_weights(model, lambda name, wname, _: specs.get(wname), static=False)
+    return model, QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "weight-only")
+
+
+def half_onnx(model: onnx.ModelProto, config: Float16) -> tuple[onnx.ModelProto, QuantReport]:
+    """Store the selected layers' weights (and biases) in fp16/bf16, each followed by a Cast to float32."""
+    reports = store_half(model, config.dtype, config.selects)
+    return model, QuantReport(config.to_dict(), reports, 0, 0, 0.0, config.dtype)
+
+
+def store_half(model: onnx.ModelProto, half: str, selects) -> list[LayerReport]:
+    """``half_onnx`` for the layers where ``selects(layer name, weight name)`` holds."""
+    dtype = TensorProto.FLOAT16 if half == "fp16" else TensorProto.BFLOAT16
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    reports, casts, done = [], [], set()
+    for node, w_idx, name, _ in list(_onnx_layers(model)):
+        if not selects(name, node.input[w_idx]):
+            reports.append(LayerReport(name, node.op_type, "float", "not selected by layers/skip"))
+            continue
+        for i in ([w_idx] + ([2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else [])):
+            t = node.input[i]
+            if t not in inits or inits[t].data_type != TensorProto.FLOAT:
+                continue
+            if t not in done:
+                a = torch.from_numpy(numpy_helper.to_array(inits[t]).copy())
+                h = a.to(HALF[half])
+                raw = h.view(torch.int16).numpy().tobytes()
+                g.initializer.append(helper.make_tensor(f"{t}:h", dtype, list(a.shape), raw, raw=True))
+                casts.append(helper.make_node("Cast", [f"{t}:h"], [f"{t}:f"], to=TensorProto.FLOAT))
+                done.add(t)
+            node.input[i] = f"{t}:f"
+        reports.append(LayerReport(name, node.op_type, "quantized", half))
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    from smallify.quant.onnx import _drop_unused_initializers
+
+    _drop_unused_initializers(model)
+    return reports
+
+
+def convert_onnx(model_or_path, config, out: str | os.PathLike | None = None):
+    """The ONNX entry for the configs that need no calibration (WeightOnly, Float16)."""
+    from smallify.quant.onnx import compact, preprocess
+
+    if out is not None:
+        onnx_io.check_writable(out)
+    model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else copy.deepcopy(model_or_path)
+    model = preprocess(model)
+    model, report = (weight_only_onnx if isinstance(config, WeightOnly) else half_onnx)(model, config)
+    model.producer_name = "smallify"
+    compact(model)
+    onnx.checker.check_model(model)
+    if out is not None:
+        onnx_io.save(model, out)
+    return model, report
+
+
+
