@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import onnx
 from typer.testing import CliRunner
 
@@ -167,3 +168,64 @@ def test_real_entry_point_exit_status(tmp_path):
     p = subprocess.run(exe + ["quantize", str(tmp_path / "x.onnx"), "--calib", "c.npz", "--out", str(tmp_path / "o.onnx")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().startswith("smallify: error:") and p.stdout == ""
+
+
+
+def _eval_module(tmp_path, monkeypatch, body: str) -> str:
+    name = f"eval_{tmp_path.name.replace('-', '_').replace('[', '_').replace(']', '_')}"
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.chdir(tmp_path)
+    return f"{name}:metric"
+
+
+def test_cli_methods_write_their_formats(tmp_path, float_onnx, calib_npz):
+    for method, extra, dtype in [("weight-only", ["--bits", "4", "--group-size", "none"], onnx.TensorProto.INT4),
+                                 ("fp8", ["--calib", calib_npz], onnx.TensorProto.FLOAT8E4M3FN),
+                                 ("bf16", [], onnx.TensorProto.BFLOAT16),
+                                 ("int8", ["--calib", calib_npz, "--bits", "4"], onnx.TensorProto.INT4)]:
+        out = tmp_path / f"{method}.onnx"
+        r = run("quantize", float_onnx, "--method", method, "--out", out, *extra)
+        assert r.exit_code == 0, r.output
+        assert dtype in {i.data_type for i in onnx.load(out).graph.initializer}, method
+
+
+def test_cli_max_drop_with_eval_hook(tmp_path, monkeypatch, float_onnx, calib_npz, calib):
+    np.save(tmp_path / "x.npy", calib.numpy())
+    hook = _eval_module(tmp_path, monkeypatch, (
+        "import numpy as np, onnxruntime as ort\n"
+        f"X = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"REF = ort.InferenceSession({str(float_onnx)!r}).run(None, {{'input': X}})[0]\n"
+        "def metric(path):\n"
+        "    y = ort.InferenceSession(path).run(None, {'input': X})[0]\n"
+        "    return float(-100 * np.mean((y - REF) ** 2))\n"))
+    out = tmp_path / "mixed.onnx"
+    r = run("quantize", float_onnx, "--calib", calib_npz, "--out", out, "--max-drop", "0.05", "--eval", hook)
+    assert r.exit_code == 0, r.output
+    assert "mixed precision: metric" in r.stdout and "int4" in r.stdout and out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "int3"], "accepted: int8, fp8, weight-only"),
+    (["--bits", "9"], "accepted: integers 2..8"),
+    (["--method", "weight-only", "--group-size", "7"], "does not divide"),
+    (["--method", "weight-only", "--group-size", "big"], "accepted: an integer >= 2, auto, none"),
+    (["--max-drop", "0.3"], "needs --eval"),
+    (["--max-drop", "0.3", "--eval", "nowhere_mod:f"], "cannot load --eval"),
+    (["--method", "fp8", "--bits", "4"], "does not apply to fp8"),
+])
+def test_cli_bad_quantize_options(tmp_path, float_onnx, calib_npz, args, message):
+    out = tmp_path / "o.onnx"
+    assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", out, *args), message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("body,message", [
+    ("def metric(path):\n    raise RuntimeError('boom')\n", "eval_fn raised RuntimeError: boom"),
+    ("def metric(path):\n    return 'high'\n", "must return a number"),
+])
+def test_cli_eval_hook_failures_are_reported(tmp_path, monkeypatch, float_onnx, calib_npz, body, message):
+    hook = _eval_module(tmp_path, monkeypatch, body)
+    out = tmp_path / "o.onnx"
+    assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", out, "--max-drop", "0.3", "--eval", hook),
+                 message)
+    assert not out.exists()

@@ -9,10 +9,11 @@ from torch import nn
 
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
+from smallify.quant.mixed import MixedPrecision
 from smallify.quant.report import QuantReport
 
 
-CONFIGS = (Int8Static, FP8Static, WeightOnly, Float16)
+CONFIGS = (MixedPrecision, Int8Static, FP8Static, WeightOnly, Float16)
 
 
 @dataclass
@@ -22,13 +23,18 @@ class QuantizedONNX:
     model: onnx.ModelProto
     path: str | None
     report: QuantReport
+    plan: object = None     # MixedPrecision: the per-layer plan (smallify.quant.mixed.Plan)
 
 
 def quantize(model, config: Int8Static | None = None, data=None, out: str | os.PathLike | None = None,
-             progress: bool = True):
+             progress: bool = True, eval_fn=None):
     """Quantize ``model`` with ``config`` (default ``Int8Static()``), calibrating on ``data``.
 
-    Configs: ``Int8Static`` (INT8 activations, INT8 or lower weights; calibrated), ``FP8Static`` (calibrated),
+    ``eval_fn``: for ``MixedPrecision``, the task metric (higher is better): ``eval_fn(module)`` for PyTorch
+    models, ``eval_fn(path of an .onnx file)`` for ONNX models; the chosen plan is ``result.mixed_plan``
+    (PyTorch) or ``result.plan`` (ONNX).
+
+    Configs: ``MixedPrecision`` (per-layer bits chosen by measurement), ``Int8Static`` (INT8 activations, INT8 or lower weights; calibrated), ``FP8Static`` (calibrated),
     ``WeightOnly`` (int2..int8 weights, per group; no data) and ``Float16`` (fp16/bf16; no data).
 
     * ``nn.Module``: returns a quantized ``torch.fx.GraphModule`` (its ``quant_report`` lists every layer:
@@ -48,6 +54,10 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
         if out is not None:
             raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)"
                               " or smallify.save(qmodel, path)")
+        if isinstance(config, MixedPrecision):
+            from smallify.quant.mixed import mixed_module
+
+            return mixed_module(model, config, data, eval_fn, progress)
         if static:
             from smallify.quant.ptq import quantize_module
 
@@ -56,7 +66,12 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
 
         return (weight_only_module if isinstance(config, WeightOnly) else half_module)(model, config)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        if static:
+        plan = None
+        if isinstance(config, MixedPrecision):
+            from smallify.quant.mixed import mixed_onnx
+
+            proto, report, plan = mixed_onnx(model, config, data, eval_fn, out, progress)
+        elif static:
             from smallify.quant.onnx import quantize_onnx
 
             proto, report = quantize_onnx(model, config, data, out, progress)
@@ -64,6 +79,6 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
             from smallify.quant.weight_only import convert_onnx
 
             proto, report = convert_onnx(model, config, out)
-        return QuantizedONNX(proto, None if out is None else str(out), report)
+        return QuantizedONNX(proto, None if out is None else str(out), report, plan)
     raise ModelError(f"cannot quantize a {type(model).__name__}; accepted: torch.nn.Module, path to .onnx, "
                      "onnx.ModelProto")

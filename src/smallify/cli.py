@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import SmallifyError
+from smallify.errors import ConfigError, SmallifyError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Make trained neural networks small and fast, and measure it.")
@@ -18,11 +18,63 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+METHODS = ("int8", "fp8", "weight-only", "fp16", "bf16", "mixed")
+
+
+def load_callable(spec: str, what: str):
+    """``package.module:function`` -> the function (the current folder is importable)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"{what} {spec!r} must look like package.module:function")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load {what} {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"{what} {spec!r} is not callable")
+    return fn
+
+
+def _group(value: str):
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--group-size {value!r} is not supported; accepted: an integer >= 2, auto, none") from None
+
+
+def _smooth(value: str):
+    smooth = {"auto": "auto", "off": None}.get(value, value)
+    if isinstance(smooth, str) and smooth != "auto":
+        try:
+            return float(smooth)
+        except ValueError:
+            return value   # the config names the accepted values
+    return smooth
+
+
 @app.command()
 def quantize(
     input: Path = typer.Argument(..., help="float ONNX model (.onnx)"),
-    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (samples on axis 0)"),
-    out: Path = typer.Option(..., "--out", help="where to write the INT8 QDQ ONNX model"),
+    out: Path = typer.Option(..., "--out", help="where to write the quantized ONNX model"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz with one array per model input (samples on "
+                                         "axis 0); needed by int8, fp8 and mixed"),
+    method: str = typer.Option("int8", "--method", help="int8 (static W8A8, default) | fp8 | weight-only | fp16 | "
+                               "bf16 | mixed (per-layer bits chosen to meet --max-drop)"),
+    bits: Optional[int] = typer.Option(None, "--bits", help="weight bits, 2..8 (int8: 8; weight-only: 4)"),
+    group_size: Optional[str] = typer.Option(None, "--group-size", help="weights per scale group: an integer, auto, or "
+                                   "none (per output channel); weight-only defaults to auto"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="largest metric drop allowed (units of "
+                                             "--eval); implies --method mixed"),
+    size_budget: Optional[float] = typer.Option(None, "--size-budget", help="mixed: weight bytes as a fraction "
+                                                "of all-INT8"),
+    eval_fn: Optional[str] = typer.Option(None, "--eval", help="package.module:function taking an .onnx path, "
+                                          "returning the metric (higher is better); for --max-drop"),
     skip: list[str] = typer.Option([], "--skip", help="layer name pattern (fnmatch) to keep in float; repeatable"),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="one weight scale per layer instead of per channel"),
     calibration: str = typer.Option("minmax", "--calibration",
@@ -31,30 +83,56 @@ def quantize(
                                help="auto | cnn (integer chains) | transformer (MatMul inputs only)"),
     percentile: float = typer.Option(99.99, "--percentile", help="with --calibration percentile"),
     activation_dtype: str = typer.Option("uint8", "--activation-dtype", help="uint8 (fast on x86) | int8"),
+    fp8_format: str = typer.Option("e4m3", "--fp8-format", help="fp8: e4m3 | e5m2"),
     smooth_quant: str = typer.Option("auto", "--smooth-quant",
                                      help="auto (0.8 for transformers) | off | alpha in [0, 1]"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="calibrate on at most this many samples"),
 ):
-    """Quantize an ONNX model to INT8 (QDQ), calibrating activations on CALIB."""
+    """Quantize an ONNX model (INT8 QDQ by default, calibrating activations on CALIB)."""
     from smallify.api import quantize as quantize_verb
-    from smallify.quant.config import Int8Static
+    from smallify.quant import config as qc
+    from smallify.quant.mixed import MixedPrecision
 
     try:
-        smooth = {"auto": "auto", "off": None}.get(smooth_quant, smooth_quant)
-        if isinstance(smooth, str) and smooth != "auto":
-            try:
-                smooth = float(smooth)
-            except ValueError:
-                smooth = smooth_quant   # Int8Static names the accepted values
-        config = Int8Static(calibration=calibration, percentile=percentile, per_channel=not per_tensor,
-                            activation_dtype=activation_dtype, skip=tuple(skip), max_calibration_samples=max_samples,
-                            scheme=scheme, smooth_quant=smooth)
-        result = quantize_verb(str(input), config, str(calib), out=str(out), progress=sys.stderr.isatty())
+        if max_drop is not None or size_budget is not None:
+            if method not in ("int8", "mixed"):
+                raise ConfigError(f"--max-drop/--size-budget choose per-layer bits (--method mixed), not --method {method}")
+            method = "mixed"
+        if method not in METHODS:
+            raise ConfigError(f"--method {method!r} is not supported; accepted: {', '.join(METHODS)}")
+        group = _group(group_size or ("auto" if method == "weight-only" else "none"))
+        static = dict(calibration=calibration, percentile=percentile, per_channel=not per_tensor,
+                      activation_dtype=activation_dtype, skip=tuple(skip), max_calibration_samples=max_samples,
+                      scheme=scheme, smooth_quant=_smooth(smooth_quant))
+        if method in ("int8", "mixed", "fp8") and group == "auto":
+            raise ConfigError("--group-size auto applies to --method weight-only; give an integer or none")
+        if method == "int8":
+            config = qc.Int8Static(**static, weight_bits=bits or 8, group_size=group)
+        elif method == "mixed":
+            config = MixedPrecision(**static, group_size=group, max_drop=max_drop, size_budget=size_budget,
+                                    candidates=(8, bits or 4))
+        elif method == "fp8":
+            if bits not in (None, 8):
+                raise ConfigError(f"--bits {bits} does not apply to fp8 (8 bits); accepted: omit --bits")
+            config = qc.FP8Static(**{**static, "smooth_quant": None if smooth_quant == "auto" else static["smooth_quant"]},
+                                  format=fp8_format)
+        elif method == "weight-only":
+            config = qc.WeightOnly(bits=bits or 4, group_size=group, skip=tuple(skip))
+        else:
+            config = qc.Float16(dtype=method, skip=tuple(skip))
+        needs_data = method in ("int8", "mixed", "fp8")
+        if needs_data and calib is None:
+            raise ConfigError(f"--method {method} calibrates activations: give --calib data.npz")
+        fn = load_callable(eval_fn, "--eval") if eval_fn else None
+        if method == "mixed" and max_drop is not None and fn is None:
+            raise ConfigError("--max-drop needs --eval package.module:function (the metric it bounds)")
+        result = quantize_verb(str(input), config, str(calib) if needs_data else None, out=str(out),
+                               progress=sys.stderr.isatty(), eval_fn=fn)
     except SmallifyError as e:
         _fail(str(e))
     from smallify.measure import file_size, format_bytes
 
-    typer.echo(str(result.report))
+    typer.echo(str(result.plan) if result.plan is not None else str(result.report))
     typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
 
 

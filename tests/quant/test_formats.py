@@ -2,7 +2,6 @@
 ONNX output equal to the PyTorch simulation, and save -> load -> same output."""
 import os
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest

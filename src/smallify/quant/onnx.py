@@ -28,7 +28,7 @@ from smallify.quant import modules as qmod
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
 from smallify.quant.placement import GNode, choose_scheme, place
-from smallify.quant.primitives import INT8_WEIGHT, FloatFormat, IntFormat, compute_qparams, quantize, weight_qparams
+from smallify.quant.primitives import INT8_WEIGHT, FloatFormat, IntFormat, quantize, weight_qparams
 from smallify.quant.report import LayerReport, QuantReport
 
 _KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add",
@@ -523,8 +523,9 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 
 def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLike | None = None,
-                  progress: bool = True) -> tuple[onnx.ModelProto, QuantReport]:
-    """Quantize a float ONNX model to a QDQ model; writes ``out`` atomically when given."""
+                  progress: bool = True, cache: dict | None = None) -> tuple[onnx.ModelProto, QuantReport]:
+    """Quantize a float ONNX model to a QDQ model; writes ``out`` atomically when given. ``cache``: a dict
+    kept between calls that differ only in weight grids (mixed-precision search): calibration runs once."""
     if out is not None:
         onnx_io.check_writable(out)
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
@@ -545,14 +546,19 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
         gnodes, outputs, reports = graph_view(model, config)
     placement = place(gnodes, outputs, scheme)
     start = time.perf_counter()
-    obs, samples = calibrate(model, placement.calibrated, data, config, progress)
     fmt = config.activation_format
-    qparams = {}
-    for t in placement.calibrated:
-        s, z = qmod.act_qparams(*observers.range_of(obs[t]), fmt)
-        qparams[t] = (float(s), int(z))
-    for t, src in placement.shared.items():
-        qparams[t] = qparams[src]
+    if cache is not None and "qparams" in cache:
+        qparams, samples = cache["qparams"], cache["samples"]
+    else:
+        obs, samples = calibrate(model, placement.calibrated, data, config, progress)
+        qparams = {}
+        for t in placement.calibrated:
+            s, z = qmod.act_qparams(*observers.range_of(obs[t]), fmt)
+            qparams[t] = (float(s), int(z))
+        for t, src in placement.shared.items():
+            qparams[t] = qparams[src]
+        if cache is not None:
+            cache.update(qparams=qparams, samples=samples)
     elapsed = time.perf_counter() - start
     insert_qdq(model, qparams, fmt, placement.only_for)
     fold_relu_into_quantize(model)
