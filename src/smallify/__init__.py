@@ -4,10 +4,11 @@ from smallify.errors import ConfigError, DataError, ModelError, OutputError, Sma
 from smallify.export.onnx import export_onnx
 from smallify.pack import load, save
 from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
+from smallify.quant.dynamic import Int8Dynamic
 from smallify.quant.mixed import MixedPrecision
 from smallify.quant.qat import qat
 from smallify.train import TrainConfig, TrainData, train
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "qat", "train", "TrainConfig", "TrainData", "export_onnx", "save", "load", "Int8Static", "FP8Static", "WeightOnly", "Float16", "MixedPrecision", "QuantizedONNX", "SmallifyError", "ConfigError",
+__all__ = ["quantize", "qat", "train", "TrainConfig", "TrainData", "export_onnx", "save", "load", "Int8Static", "FP8Static", "WeightOnly", "Float16", "MixedPrecision", "Int8Dynamic", "QuantizedONNX", "SmallifyError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]

@@ -9,11 +9,12 @@ from torch import nn
 
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
+from smallify.quant.dynamic import Int8Dynamic
 from smallify.quant.mixed import MixedPrecision
 from smallify.quant.report import QuantReport
 
 
-CONFIGS = (MixedPrecision, Int8Static, FP8Static, WeightOnly, Float16)
+CONFIGS = (MixedPrecision, Int8Static, FP8Static, Int8Dynamic, WeightOnly, Float16)
 
 
 @dataclass
@@ -35,7 +36,8 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
     (PyTorch) or ``result.plan`` (ONNX).
 
     Configs: ``MixedPrecision`` (per-layer bits chosen by measurement), ``Int8Static`` (INT8 activations, INT8 or lower weights; calibrated), ``FP8Static`` (calibrated),
-    ``WeightOnly`` (int2..int8 weights, per group; no data) and ``Float16`` (fp16/bf16; no data).
+    ``Int8Dynamic`` (int8 weights, activations quantized at run time;
+    no data), ``WeightOnly`` (int2..int8 weights, per group; no data) and ``Float16`` (fp16/bf16; no data).
 
     * ``nn.Module``: returns a quantized ``torch.fx.GraphModule`` (its ``quant_report`` lists every layer:
       quantized, or left in float and why). Export it with ``export_onnx``.
@@ -62,9 +64,11 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
             from smallify.quant.ptq import quantize_module
 
             return quantize_module(model, config, data, progress)
+        from smallify.quant.dynamic import dynamic_module
         from smallify.quant.weight_only import half_module, weight_only_module
 
-        return (weight_only_module if isinstance(config, WeightOnly) else half_module)(model, config)
+        convert = {Int8Dynamic: dynamic_module, WeightOnly: weight_only_module, Float16: half_module}[type(config)]
+        return convert(model, config)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         plan = None
         if isinstance(config, MixedPrecision):
@@ -75,6 +79,10 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
             from smallify.quant.onnx import quantize_onnx
 
             proto, report = quantize_onnx(model, config, data, out, progress)
+        elif isinstance(config, Int8Dynamic):
+            from smallify.quant.dynamic import dynamic_onnx
+
+            proto, report = dynamic_onnx(model, config, out)
         else:
             from smallify.quant.weight_only import convert_onnx
 

@@ -197,3 +197,22 @@ def test_load_rejects_foreign_files(tmp_path):
     sm.save(q, tmp_path / "q.smallify")
     with pytest.raises(sm.ModelError, match="no layer 'fc1'|does not fit"):
         sm.load(tmp_path / "q.smallify", nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_int8_dynamic_fuses_into_dynamic_quantize_matmul(tmp_path, mlp_onnx):
+    model, x = MLP(), torch.randn(4, 8, 256, generator=torch.Generator().manual_seed(5))
+    q = sm.quantize(model, sm.Int8Dynamic(skip=("fc3",)))
+    y = q(x)
+    assert sqnr_db(model(x), y) > 35 and isinstance(q.fc3, nn.Linear) and not hasattr(q.fc3, "spec")
+    sm.save(q, tmp_path / "d.smallify")
+    assert torch.equal(sm.load(tmp_path / "d.smallify", MLP())(x), y)
+    sm.export_onnx(q, tmp_path / "d.onnx", x[:1])
+    res = sm.quantize(str(mlp_onnx), sm.Int8Dynamic(skip=("fc3",)), out=tmp_path / "d2.onnx")
+    assert res.report.floating == {"fc3": "skipped by pattern 'fc3'"}
+    for path in ("d.onnx", "d2.onnx"):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"opt_{path}")
+        s = ort.InferenceSession(str(tmp_path / path), so, providers=["CPUExecutionProvider"])
+        assert sqnr_db(y, torch.from_numpy(s.run(None, {"input": x.numpy()})[0])) > 60   # the same numbers
+        ops = [n.op_type for n in onnx.load(tmp_path / f"opt_{path}").graph.node]
+        assert ops.count("DynamicQuantizeMatMul") == 2 and ops.count("MatMul") == 1

@@ -18,6 +18,7 @@ from torch import nn
 from smallify import onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
+from smallify.quant.dynamic import DynamicQuantLinear, quantize_dynamic_matmuls
 from smallify.quant.primitives import FloatFormat
 from smallify.quant.weight_only import HalfPrecision, store_half
 from smallify.quant.onnx import compact, fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
@@ -119,7 +120,35 @@ def to_onnx_proto(model: nn.Module, example_inputs, dynamic_batch: bool = True, 
     for node in proto.graph.node:   # the exporter's per-node stack traces: debugging data, often most of the file
         del node.metadata_props[:]
         node.ClearField("doc_string")
+    _name_folded_weights(proto, model)
     return proto
+
+
+def _name_folded_weights(proto: onnx.ModelProto, model: nn.Module) -> None:
+    """Give weights that the exporter transposed into a new constant ('val_12') their parameter's name again,
+    so that layers read 'encoder.layer.0.attention.self.query' in reports and skip patterns, not 'node_MatMul_7'."""
+    from onnx import numpy_helper
+
+    def key(a: np.ndarray) -> tuple:
+        return a.shape, hash(np.ascontiguousarray(a).tobytes())
+
+    params, names = {}, {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            params.setdefault(key(p.detach().float().numpy().T), name)
+    taken = {i.name for i in proto.graph.initializer}
+    rename = {}
+    for init in proto.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2 or init.name in names:
+            continue
+        name = params.get(key(numpy_helper.to_array(init)))
+        if name is not None and name not in taken:
+            rename[init.name] = init.name = name
+            taken.add(name)
+    for node in proto.graph.node:
+        for i, t in enumerate(node.input):
+            if t in rename:
+                node.input[i] = rename[t]
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynamic_batch: bool = True,
@@ -142,8 +171,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
             store_half(proto, next(iter(halves.values())), lambda name, wname: wname in halves)
         specs = {w: twins[module].spec for w, module in weight_names.items()}
         stored = {w: twins[module].stored() for w, module in weight_names.items()}
+        dynamic = {w for w, module in weight_names.items() if isinstance(twins[module], DynamicQuantLinear)}
+        done = quantize_dynamic_matmuls(proto, lambda name, wname: specs[wname] if wname in dynamic else None, stored)
         static = any(isinstance(m, qmod.ActQuant) for m in model.modules())
-        done = quantize_weights(proto, lambda name, wname, _: specs.get(wname), stored, static)
+        done += quantize_weights(proto, lambda name, wname, _: None if wname in dynamic else specs.get(wname), stored,
+                                 static)
         if len(done) != len(weight_names):
             raise RuntimeError(f"internal: {len(weight_names)} quantized layers but {len(done)} found in the ONNX graph")
         proto.producer_name = "smallify"

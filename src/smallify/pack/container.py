@@ -96,10 +96,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 def _config_from(d: dict | None):
     from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
+    from smallify.quant.dynamic import Int8Dynamic
 
     if d is None:
         return None
-    kinds = {c.kind: c for c in (Int8Static, FP8Static, WeightOnly, Float16)}
+    kinds = {c.kind: c for c in (Int8Static, FP8Static, Int8Dynamic, WeightOnly, Float16)}
     if d.get("kind") not in kinds:
         raise ModelError(f"unknown config kind {d.get('kind')!r} in the manifest; accepted: {sorted(kinds)}")
     return kinds[d["kind"]].from_dict(d)
@@ -109,6 +110,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Rebuild the saved model on ``model`` (the float architecture, e.g. from your model factory): the
     compressed structure is made from the manifest, then every tensor is filled from the file."""
     from smallify.quant.config import Float16, WeightOnly
+    from smallify.quant.dynamic import Int8Dynamic, dynamic_module
     from smallify.quant.weight_only import fold_batchnorm, half_module
 
     manifest = read_manifest(path)
@@ -117,6 +119,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         target = model
     elif isinstance(config, Float16):
         target = half_module(model, config)
+    elif isinstance(config, Int8Dynamic):
+        target = dynamic_module(model, config)
     elif isinstance(config, WeightOnly):
         target = fold_batchnorm(model)
         target.quant_config = config
