@@ -74,6 +74,15 @@ def main(argv=None) -> None:
         add("smallify INT8 → OpenVINO", openvino_runner(work / "smallify.onnx", args.threads),
             file_size(work / "smallify.onnx"))
 
+        t0 = time.perf_counter()
+        sm.quantize(str(fp32), sm.Int8Dynamic(), out=work / "smallify_dynamic.onnx")
+        add("smallify INT8 dynamic → ONNX Runtime", ort_runner(work / "smallify_dynamic.onnx", args.threads)[0],
+            file_size(work / "smallify_dynamic.onnx"), time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sm.quantize(str(fp32), sm.WeightOnly(bits=4, group_size=32), out=work / "smallify_int4.onnx")
+        add("smallify weight-only INT4 g32 → ONNX Runtime", ort_runner(work / "smallify_int4.onnx", args.threads)[0],
+            file_size(work / "smallify_int4.onnx"), time.perf_counter() - t0)
+
         from onnxruntime.quantization import QuantType, quantize_dynamic
         t0 = time.perf_counter()
         quantize_dynamic(str(fp32), str(work / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)

@@ -134,9 +134,10 @@ def default_loss(output: torch.Tensor, target: torch.Tensor | None, batch_inputs
 
 def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, loss_fn: Callable | None = None,
           eval_fn: Callable[[nn.Module], float] | None = None, checkpoint: str | os.PathLike | None = None,
-          progress: bool = True, params=None) -> TrainResult:
+          progress: bool = True, params=None, on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Fine-tune ``model`` in place on ``data``; see the module docstring. ``loss_fn(output, target, inputs)``
-    (default cross-entropy); ``params``: what to optimize (default every parameter that requires grad)."""
+    (default cross-entropy); ``params``: what to optimize (default every parameter that requires grad);
+    ``on_step(step, total)``: called before every step (sparsity schedules)."""
     cfg = config or TrainConfig()
     if not isinstance(data, TrainData):
         raise DataError(f"training data of type {type(data).__name__} is not supported; accepted: "
@@ -172,6 +173,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, 
         net.train()
         mine = itertools.islice(_my_batches(data.epoch(epoch), rank, world), first, first + count)
         for x, y in track(mine, f"epoch {epoch + 1}/{epochs}", progress and rank == 0, total=count):
+            if on_step is not None:
+                on_step(step, total)
             loss = loss_fn(net(x), y, x)
             if not torch.isfinite(loss):
                 raise DataError(f"the loss became {float(loss)} at step {step}: lower lr (now {cfg.lr})")
@@ -192,6 +195,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, 
         history.append(entry)
         if ckpt is not None and rank == 0:
             _save_checkpoint(ckpt, model, opt, sched, step, history)
+    if on_step is not None:
+        on_step(step, total)
     model.eval()
     return TrainResult(history, step, resumed)
 

@@ -1,7 +1,8 @@
 """save(model, path) / load(path, model): compressed PyTorch models on disk, really compressed.
 
 Layout: one safetensors file. Weights on an integer grid are bit-packed (``quant/packing.py``: b bits per
-weight) under ``<layer>.weight:packed``, FP8 weights are float8 tensors; symmetric grids store no zero points; scales, zero points, biases and every other tensor are stored as they are. The
+weight) under ``<layer>.weight:packed``, FP8 weights are float8 tensors; symmetric grids store no zero points;
+float tensors that are at least half zeros (pruned) are stored as a bit mask and their nonzero values; scales, zero points, biases and every other tensor are stored as they are. The
 safetensors metadata holds the manifest: the config that made the model and each layer's grid. ``load`` builds
 the compressed structure from the manifest on a float model the caller constructs (so no code is read from
 the file), then fills it: the output equals the saved model's.
@@ -12,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,6 +27,7 @@ from smallify.quant.primitives import FloatFormat, IntFormat, dequantize
 
 FORMAT = "smallify"
 VERSION = 1
+SPARSE_MIN = 0.5    # tensors with at least this fraction of zeros are stored as a bit mask + the nonzeros
 
 
 def _twins(model: nn.Module):
@@ -71,9 +74,18 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             else:
                 tensors[f"{name}.weight_zero_point"] = torch.from_numpy(
                     pack(zero.numpy(), spec.fmt.bits, spec.fmt.qmin))
+    sparse = {}
+    for key in list(tensors):
+        t = tensors[key]
+        if t.is_floating_point() and t.ndim >= 2 and t.numel() >= 256 and float((t == 0).float().mean()) >= SPARSE_MIN:
+            mask = (t != 0).flatten()
+            tensors[f"{key}:sparse_mask"] = torch.from_numpy(np.packbits(mask.numpy()))
+            tensors[f"{key}:sparse_values"] = t.flatten()[mask].contiguous()
+            sparse[key] = list(t.shape)
+            del tensors[key]
     config = getattr(model, "quant_config", None)
     manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict() if config is not None else None,
-                "layers": layers}
+                "layers": layers, "sparse": sparse}
     return onnx_io.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest)}))
 
 
@@ -139,6 +151,13 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             state[key] = f.get_tensor(key)
+    for key, shape in manifest.get("sparse", {}).items():
+        count = int(torch.Size(shape).numel())
+        mask = torch.from_numpy(np.unpackbits(state.pop(f"{key}:sparse_mask").numpy())[:count].astype(bool))
+        values = state.pop(f"{key}:sparse_values")
+        dense = torch.zeros(count, dtype=values.dtype)
+        dense[mask] = values
+        state[key] = dense.reshape(shape)
     for name, info in manifest["layers"].items():
         spec = _spec_from(info["spec"])
         m = target.get_submodule(name)

@@ -1,0 +1,29 @@
+"""Multiply-accumulate operations and parameter counts of a PyTorch model, per sample, by forward hooks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """MACs of one forward pass over ``example_inputs``, divided by its batch size (Conv, Linear, attention
+    matmuls are not counted; they are the same before and after channel pruning of a CNN)."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    total = [0]
+
+    def hook(m, args, out):
+        per_out = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.in_features
+        total[0] += out.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0] // inputs[0].shape[0]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

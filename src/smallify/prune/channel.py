@@ -1,0 +1,403 @@
+"""Structured (channel / filter) pruning that physically removes channels.
+
+``prune(model, ChannelPrune(ratio=0.4), example_inputs, data=calib)`` builds the dependency graph
+(``graph.py``), scores every prunable group's channels with an importance criterion, removes the lowest, and
+slices every layer dimension of the group at once (convolutions, BatchNorm, depthwise groups, the Linear after
+a flatten): the result is the same ``nn.Module`` class with smaller layers, exportable to ONNX.
+
+Importance criteria are plain callables ``fn(model, group, stats) -> tensor[group.size]`` (higher: keep):
+``l2`` / ``l1`` (norms of the producing filters), ``bn_scale`` (|gamma| of the group's BatchNorms, as in
+Network Slimming), ``taylor`` (|sum(w * dL/dw)| per filter, first-order Taylor, on ``data`` with labels),
+``activation`` (mean post-ReLU activation on ``data``) and ``apoz`` (1 - average percentage of zeros, as in
+Network Trimming). ``reconstruct=True`` refits each layer that reads a pruned tensor by least squares on
+``data`` (channel selection + reconstruction, He et al. 2017), so that little or no retraining is needed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smallify.config import Config
+from smallify.errors import ConfigError, DataError, ModelError
+from smallify.measure.macs import count_macs, count_params
+from smallify.prune.graph import DependencyGraph, Group, build
+
+CRITERIA = ("l2", "l1", "bn_scale", "taylor", "activation", "apoz")
+NEEDS_DATA = {"taylor", "activation", "apoz"}
+
+
+@dataclasses.dataclass
+class ChannelPrune(Config):
+    """``ratio``: fraction of channels removed, in [0, 1): from every prunable group (``scope='layer'``) or
+    overall, ranked across groups by importance normalized per group (``scope='global'``, at most
+    ``max_group_ratio`` of any group). ``importance``: a name in CRITERIA or a callable. ``round_to``: kept
+    channel counts are multiples of it. ``ignore``: fnmatch patterns of layers whose output channels stay."""
+
+    kind = "channel_prune"
+    ratio: float = 0.5
+    scope: str = "layer"
+    importance: str = "l2"
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+    max_group_ratio: float = 0.9
+    reconstruct: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ConfigError(f"ratio={self.ratio!r} is not supported; accepted: a number in [0, 1) (the fraction "
+                              "of channels removed)")
+        if self.scope not in ("layer", "global"):
+            raise ConfigError(f"scope={self.scope!r} is not supported; accepted: 'layer', 'global'")
+        if not callable(self.importance) and self.importance not in CRITERIA:
+            raise ConfigError(f"importance={self.importance!r} is not supported; accepted: {', '.join(CRITERIA)} "
+                              "or a callable(model, group, stats)")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to={self.round_to!r} must be an integer >= 1")
+        if not 0 < self.max_group_ratio < 1:
+            raise ConfigError(f"max_group_ratio={self.max_group_ratio!r} must lie in (0, 1)")
+        self.ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
+
+    def to_dict(self):
+        d = super().to_dict()
+        if callable(self.importance):
+            d["importance"] = getattr(self.importance, "__name__", "callable")
+        return d
+
+
+@dataclasses.dataclass
+class PruneReport:
+    config: dict
+    groups: list[dict]            # one per group: producers, channels before/after, or why frozen
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    seconds: float
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    def __str__(self) -> str:
+        pruned = [g for g in self.groups if g.get("after") is not None]
+        lines = [f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
+                 f"{self.params_before:,} -> {self.params_after:,}; {len(pruned)} group(s) pruned"]
+        for g in self.groups:
+            if g.get("after") is not None:
+                lines.append(f"  {', '.join(g['producers'])}: {g['before']} -> {g['after']} channels")
+            else:
+                lines.append(f"  kept: {', '.join(g['producers']) or '-'} ({g['frozen']})")
+        return "\n".join(lines)
+
+
+def _weight_rows(m: nn.Module) -> torch.Tensor:
+    return m.weight.detach().flatten(1)
+
+
+def _slot_rows(model_modules, group: Group, dims=("out", "dw")) -> list[torch.Tensor]:
+    return [_weight_rows(model_modules[s.module]) for s in group.slots if s.dim in dims]
+
+
+def l2(modules, group: Group, stats) -> torch.Tensor:
+    return sum(r.pow(2).sum(1) for r in _slot_rows(modules, group)).sqrt()
+
+
+def l1(modules, group: Group, stats) -> torch.Tensor:
+    return sum(r.abs().sum(1) for r in _slot_rows(modules, group))
+
+
+def bn_scale(modules, group: Group, stats) -> torch.Tensor:
+    gammas = [modules[s.module].weight.detach().abs() for s in group.slots if s.dim == "bn"]
+    if not gammas:
+        raise ConfigError(f"importance 'bn_scale' needs a BatchNorm after every pruned layer; {group.describe()} "
+                          "has none (use 'l2' or ignore it)")
+    return sum(gammas)
+
+
+def taylor(modules, group: Group, stats) -> torch.Tensor:
+    return sum((modules[s.module].weight.detach() * stats["grads"][s.module]).flatten(1).sum(1).abs()
+               for s in group.slots if s.dim in ("out", "dw"))
+
+
+def activation(modules, group: Group, stats) -> torch.Tensor:
+    return sum(stats["mean"][s.module] for s in _act_slots(group)) / len(_act_slots(group))
+
+
+def apoz(modules, group: Group, stats) -> torch.Tensor:
+    return 1.0 - sum(stats["zeros"][s.module] for s in _act_slots(group)) / len(_act_slots(group))
+
+
+BUILTIN: dict[str, Callable] = {"l2": l2, "l1": l1, "bn_scale": bn_scale, "taylor": taylor, "activation": activation,
+                                "apoz": apoz}
+
+
+def _act_slots(group: Group):
+    """Where a group's activations are observed: its BatchNorms (ReLU applied), else its producers."""
+    return [s for s in group.slots if s.dim == "bn"] or [s for s in group.slots if s.dim in ("out", "dw")]
+
+
+def _inputs(batch):
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def _batches(data, limit: int = 512):
+    from smallify.train import TrainData
+
+    if data is None:
+        return []
+    if isinstance(data, TrainData):
+        data = data.epoch(0)
+    elif isinstance(data, torch.Tensor):
+        data = [data[i:i + 64] for i in range(0, len(data), 64)]
+    out, seen = [], 0
+    for b in data:
+        out.append(b)
+        seen += len(_inputs(b)[0])
+        if seen >= limit:
+            break
+    return out
+
+
+def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
+    """What data-driven criteria need: per-layer gradients (taylor), mean activation and zero fraction."""
+    model, modules = graph.model, graph.modules
+    batches = _batches(data)
+    if not batches:
+        raise DataError(f"importance {criterion!r} needs data= (calibration batches"
+                        f"{', with labels' if criterion == 'taylor' else ''})")
+    stats: dict = {"grads": {}, "mean": {}, "zeros": {}}
+    if criterion == "taylor":
+        model.zero_grad()
+        for b in batches:
+            x, y = _inputs(b)
+            if y is None:
+                raise DataError("importance 'taylor' needs labels: give batches of (inputs, labels)")
+            F.cross_entropy(model(x), y).backward()
+        stats["grads"] = {n: m.weight.grad.detach().clone() for n, m in modules.items()
+                          if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.grad is not None}
+        model.zero_grad()
+        return stats
+    names = {s.module for g in graph.prunable() for s in _act_slots(g)}
+    sums, zeros, counts, handles = {}, {}, {}, []
+
+    def hook(name):
+        def fn(m, args, out):
+            a = torch.relu(out.detach())
+            dims = [d for d in range(a.ndim) if d != (1 if a.ndim == 4 else a.ndim - 1)]
+            sums[name] = sums.get(name, 0) + a.sum(dims)
+            zeros[name] = zeros.get(name, 0) + (a == 0).float().sum(dims)
+            counts[name] = counts.get(name, 0) + a.numel() / a.shape[1 if a.ndim == 4 else -1]
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(_inputs(b)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    stats["mean"] = {n: sums[n] / counts[n] for n in names}
+    stats["zeros"] = {n: zeros[n] / counts[n] for n in names}
+    return stats
+
+
+def _keep_count(n: int, ratio: float, round_to: int) -> int:
+    keep = n - int(round(n * ratio))
+    keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(n, keep)
+
+
+def choose(graph: DependencyGraph, config: ChannelPrune, stats: dict) -> dict[int, torch.Tensor]:
+    """Group id -> sorted indices of the channels kept."""
+    fn = config.importance if callable(config.importance) else BUILTIN[config.importance]
+    groups = graph.prunable()
+    scores = {}
+    for g in groups:
+        s = torch.as_tensor(fn(graph.modules, g, stats), dtype=torch.float32).flatten()
+        if s.numel() != g.size:
+            raise ModelError(f"importance returned {s.numel()} scores for {g.describe()}; expected {g.size}")
+        scores[g.id] = s
+    counts = {}
+    if config.scope == "layer":
+        counts = {g.id: _keep_count(g.size, config.ratio, config.round_to) for g in groups}
+    else:
+        normed = torch.cat([scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups])
+        owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
+        remove = int(round(config.ratio * len(normed)))
+        order = torch.argsort(normed)
+        removed = torch.zeros(len(groups), dtype=torch.long)
+        for idx in order.tolist():
+            if remove == 0:
+                break
+            gi = int(owner[idx])
+            if removed[gi] + 1 <= int(groups[gi].size * config.max_group_ratio):
+                removed[gi] += 1
+                remove -= 1
+        counts = {g.id: _keep_count(g.size, float(removed[i]) / g.size, config.round_to) for i, g in enumerate(groups)}
+    keep = {}
+    for g in groups:
+        k = counts[g.id]
+        if k < 1:
+            raise ConfigError(f"pruning would leave {g.describe()} with no channels; lower ratio or round_to")
+        keep[g.id] = torch.sort(torch.topk(scores[g.id], k).indices).values
+    return keep
+
+
+def _expand(idx: torch.Tensor, offset: int, factor: int) -> torch.Tensor:
+    return (offset + (idx[:, None] * factor + torch.arange(factor)[None, :])).flatten()
+
+
+def apply(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.Tensor]) -> nn.Module:
+    """Slice every slot of every pruned group (on ``model``, in place)."""
+    modules = dict(model.named_modules())
+    # module -> dim -> the original indices removed
+    drop: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for g in graph.groups:
+        if g.id not in keep:
+            continue
+        removed = torch.tensor(sorted(set(range(g.size)) - set(keep[g.id].tolist())), dtype=torch.long)
+        if len(removed) == 0:
+            continue
+        for s in g.slots:
+            drop.setdefault((s.module, s.dim), []).append(_expand(removed, s.offset, s.factor))
+    for (name, dim), parts in drop.items():
+        m = modules[name]
+        axis_len = m.num_features if dim == "bn" else m.weight.shape[1 if dim == "in" else 0]
+        gone = set(torch.cat(parts).tolist())
+        idx = torch.tensor([i for i in range(axis_len) if i not in gone], dtype=torch.long)
+        with torch.no_grad():
+            if dim in ("out", "dw"):
+                m._smallify_kept_out = idx
+                m.weight = nn.Parameter(m.weight[idx].clone())
+                if getattr(m, "bias", None) is not None:
+                    m.bias = nn.Parameter(m.bias[idx].clone())
+                if isinstance(m, nn.Conv2d):
+                    m.out_channels = len(idx)
+                    if dim == "dw":
+                        m.in_channels = m.groups = len(idx)
+                else:
+                    m.out_features = len(idx)
+            elif dim == "in":
+                m._smallify_kept_in = idx          # for least-squares reconstruction
+                m.weight = nn.Parameter(m.weight[:, idx].clone())
+                if isinstance(m, nn.Conv2d):
+                    m.in_channels = len(idx)
+                else:
+                    m.in_features = len(idx)
+            else:
+                if m.affine:
+                    m.weight = nn.Parameter(m.weight[idx].clone())
+                    m.bias = nn.Parameter(m.bias[idx].clone())
+                if m.track_running_stats:
+                    m.running_mean = m.running_mean[idx].clone()
+                    m.running_var = m.running_var[idx].clone()
+                m.num_features = len(idx)
+    return model
+
+
+def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=None, data=None) -> nn.Module:
+    """A copy of ``model`` with the lowest-importance channels removed; ``prune_report`` says what changed."""
+    config = config or ChannelPrune()
+    if example_inputs is None:
+        raise DataError("prune needs example_inputs (a batch the model accepts) to trace shapes")
+    start = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    graph = build(model, example_inputs, config.ignore)
+    if not graph.prunable():
+        frozen = sorted({g.frozen for g in graph.groups if g.frozen})
+        raise ModelError(f"nothing to prune in {type(model).__name__}: every channel group is frozen ({'; '.join(frozen)})")
+    crit = config.importance if isinstance(config.importance, str) else None
+    stats = collect_stats(graph, crit, data) if crit in NEEDS_DATA else {}
+    keep = choose(graph, config, stats)
+    recon = _capture_inputs(model, graph, keep, data) if config.reconstruct else None
+    apply(model, graph, keep)
+    if recon is not None:
+        _reconstruct(model, recon)
+    for m in model.modules():
+        for attr in ("_smallify_kept_in", "_smallify_kept_out"):
+            if hasattr(m, attr):
+                delattr(m, attr)
+    report_groups = []
+    for g in graph.groups:
+        entry = {"producers": g.producers, "before": g.size}
+        if g.id in keep:
+            entry["after"] = len(keep[g.id])
+        else:
+            entry["frozen"] = g.frozen or "no producing layer"
+        if g.producers:
+            report_groups.append(entry)
+    model.prune_report = PruneReport(config.to_dict(), report_groups, macs0, count_macs(model, example_inputs),
+                                     params0, count_params(model), time.perf_counter() - start)
+    return model
+
+
+def _capture_inputs(model, graph: DependencyGraph, keep, data):
+    """The inputs of every layer whose input channels shrink, on ``data`` (before pruning), with the
+    layer's original output: what least squares refits the smaller layer to."""
+    batches = _batches(data, 256)
+    if not batches:
+        raise DataError("reconstruct=True needs data= (calibration batches)")
+    modules = graph.modules
+    names = sorted({s.module for g in graph.groups if g.id in keep for s in g.slots if s.dim == "in"})
+    seen: dict[str, list] = {n: [] for n in names}
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach())))
+               for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(_inputs(b)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3) -> None:
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    for name, pairs in seen.items():
+        m = modules[name]
+        # the kept input channels are those whose columns survived: rebuild the pruned input by matching
+        x = torch.cat([p[0] for p in pairs])
+        y = torch.cat([p[1] for p in pairs])
+        kept_out = getattr(m, "_smallify_kept_out", None)
+        if kept_out is not None:
+            y = y[:, kept_out] if y.ndim == 4 else y[..., kept_out]
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1:
+                continue
+            keep_in = _kept_in_channels(m, x)
+            xs = x[:, keep_in]
+            cols = F.unfold(xs, m.kernel_size, m.dilation, m.padding, m.stride)        # [N, Cin*k*k, L]
+            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            t = (y - (m.bias.view(1, -1, 1, 1) if m.bias is not None else 0)).flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+        else:
+            keep_in = _kept_in_channels(m, x)
+            a = x[..., keep_in].reshape(-1, len(keep_in))
+            t = (y - (m.bias if m.bias is not None else 0)).reshape(-1, y.shape[-1])
+        if a.shape[0] > max_rows:
+            rows = torch.randperm(a.shape[0], generator=gen)[:max_rows]
+            a, t = a[rows], t[rows]
+        a64, t64 = a.double(), t.double()
+        gram = a64.T @ a64
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+        w = torch.linalg.solve(gram, a64.T @ t64).T.float()                            # [Cout, Cin*k*k]
+        with torch.no_grad():
+            m.weight.copy_(w.reshape(m.weight.shape))
+
+
+def _kept_in_channels(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    kept = getattr(m, "_smallify_kept_in", None)
+    if kept is None:
+        raise ModelError("internal: reconstruction lost track of the kept input channels")
+    return kept
