@@ -34,7 +34,8 @@ NEEDS_DATA = {"taylor", "activation", "apoz"}
 
 @dataclasses.dataclass
 class ChannelPrune(Config):
-    """``ratio``: fraction of channels removed, in [0, 1): from every prunable group (``scope='layer'``) or
+    """``ratio``: fraction of channels removed, in [0, 1): from every prunable group (``scope='layer'``;
+    ``layer_ratios`` overrides it per layer pattern) or
     overall, ranked across groups by importance normalized per group (``scope='global'``, at most
     ``max_group_ratio`` of any group). ``importance``: a name in CRITERIA or a callable. ``round_to``: kept
     channel counts are multiples of it. ``ignore``: fnmatch patterns of layers whose output channels stay."""
@@ -47,6 +48,16 @@ class ChannelPrune(Config):
     ignore: tuple[str, ...] = ()
     max_group_ratio: float = 0.9
     reconstruct: bool = False
+    layer_ratios: dict = dataclasses.field(default_factory=dict)
+
+    def ratio_for(self, producers: list[str]) -> float:
+        """``layer_ratios`` (fnmatch pattern -> ratio, first match over the group's producing layers) or ``ratio``."""
+        import fnmatch
+
+        for pattern, r in self.layer_ratios.items():
+            if any(fnmatch.fnmatchcase(p, pattern) for p in producers):
+                return r
+        return self.ratio
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -62,6 +73,9 @@ class ChannelPrune(Config):
         if not 0 < self.max_group_ratio < 1:
             raise ConfigError(f"max_group_ratio={self.max_group_ratio!r} must lie in (0, 1)")
         self.ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
+        for pattern, r in self.layer_ratios.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise ConfigError(f"layer_ratios[{pattern!r}]={r!r} is not supported; accepted: a number in [0, 1)")
 
     def to_dict(self):
         d = super().to_dict()
@@ -96,12 +110,14 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def _weight_rows(m: nn.Module) -> torch.Tensor:
-    return m.weight.detach().flatten(1)
+def _part(t: torch.Tensor, slot, size: int) -> torch.Tensor:
+    """The rows of ``t`` (indexed by the slot's module dimension) that belong to the group."""
+    return t[slot.offset: slot.offset + size]
 
 
 def _slot_rows(model_modules, group: Group, dims=("out", "dw")) -> list[torch.Tensor]:
-    return [_weight_rows(model_modules[s.module]) for s in group.slots if s.dim in dims]
+    return [_part(model_modules[s.module].weight.detach().flatten(1), s, group.size)
+            for s in group.slots if s.dim in dims]
 
 
 def l2(modules, group: Group, stats) -> torch.Tensor:
@@ -113,7 +129,7 @@ def l1(modules, group: Group, stats) -> torch.Tensor:
 
 
 def bn_scale(modules, group: Group, stats) -> torch.Tensor:
-    gammas = [modules[s.module].weight.detach().abs() for s in group.slots if s.dim == "bn"]
+    gammas = [_part(modules[s.module].weight.detach().abs(), s, group.size) for s in group.slots if s.dim == "bn"]
     if not gammas:
         raise ConfigError(f"importance 'bn_scale' needs a BatchNorm after every pruned layer; {group.describe()} "
                           "has none (use 'l2' or ignore it)")
@@ -121,16 +137,16 @@ def bn_scale(modules, group: Group, stats) -> torch.Tensor:
 
 
 def taylor(modules, group: Group, stats) -> torch.Tensor:
-    return sum((modules[s.module].weight.detach() * stats["grads"][s.module]).flatten(1).sum(1).abs()
+    return sum(_part((modules[s.module].weight.detach() * stats["grads"][s.module]).flatten(1).sum(1).abs(), s, group.size)
                for s in group.slots if s.dim in ("out", "dw"))
 
 
 def activation(modules, group: Group, stats) -> torch.Tensor:
-    return sum(stats["mean"][s.module] for s in _act_slots(group)) / len(_act_slots(group))
+    return sum(_part(stats["mean"][s.module], s, group.size) for s in _act_slots(group)) / len(_act_slots(group))
 
 
 def apoz(modules, group: Group, stats) -> torch.Tensor:
-    return 1.0 - sum(stats["zeros"][s.module] for s in _act_slots(group)) / len(_act_slots(group))
+    return 1.0 - sum(_part(stats["zeros"][s.module], s, group.size) for s in _act_slots(group)) / len(_act_slots(group))
 
 
 BUILTIN: dict[str, Callable] = {"l2": l2, "l1": l1, "bn_scale": bn_scale, "taylor": taylor, "activation": activation,
@@ -212,8 +228,9 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
 
 def _keep_count(n: int, ratio: float, round_to: int) -> int:
     keep = n - int(round(n * ratio))
-    keep = max(round_to, int(round(keep / round_to)) * round_to)
-    return min(n, keep)
+    if keep <= 0:
+        return 0
+    return min(n, max(round_to, int(round(keep / round_to)) * round_to))
 
 
 def choose(graph: DependencyGraph, config: ChannelPrune, stats: dict) -> dict[int, torch.Tensor]:
@@ -228,7 +245,7 @@ def choose(graph: DependencyGraph, config: ChannelPrune, stats: dict) -> dict[in
         scores[g.id] = s
     counts = {}
     if config.scope == "layer":
-        counts = {g.id: _keep_count(g.size, config.ratio, config.round_to) for g in groups}
+        counts = {g.id: _keep_count(g.size, config.ratio_for(g.producers), config.round_to) for g in groups}
     else:
         normed = torch.cat([scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups])
         owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
@@ -247,7 +264,8 @@ def choose(graph: DependencyGraph, config: ChannelPrune, stats: dict) -> dict[in
     for g in groups:
         k = counts[g.id]
         if k < 1:
-            raise ConfigError(f"pruning would leave {g.describe()} with no channels; lower ratio or round_to")
+            raise ConfigError(f"pruning would leave {g.describe()} with no channels; lower its ratio or add "
+                              "the layer to ignore")
         keep[g.id] = torch.sort(torch.topk(scores[g.id], k).indices).values
     return keep
 

@@ -74,6 +74,7 @@ class _Spaces:
         self.size: list[int] = []
         self.frozen: dict[int, str] = {}
         self.slots: dict[int, list[Slot]] = {}
+        self.alias: dict[int, list[int]] = {}
 
     def new(self, size: int, frozen: str | None = None) -> int:
         i = len(self.parent)
@@ -96,6 +97,44 @@ class _Spaces:
 
     def freeze(self, i: int, why: str) -> None:
         self.frozen.setdefault(i, why)
+
+    def split(self, i: int, k: int) -> bool:
+        """Split an unmerged space into its first ``k`` channels and the rest (slots split with it)."""
+        if self.find(i) != i or any(self.parent[j] == i for j in range(len(self.parent)) if j != i):
+            return False
+        a, b = self.new(k, self.frozen.get(i)), self.new(self.size[i] - k, self.frozen.get(i))
+        for slot in self.slots.pop(i, []):
+            self.slots.setdefault(a, []).append(Slot(slot.module, slot.dim, slot.offset, slot.factor))
+            self.slots.setdefault(b, []).append(Slot(slot.module, slot.dim, slot.offset + k * slot.factor, slot.factor))
+        self.alias[i] = [a, b]
+        return True
+
+    def expand(self, lay):
+        """A layout with split spaces replaced by their parts."""
+        if lay is None:
+            return None
+        out = []
+        for seg in lay:
+            if seg.space in self.alias:
+                a, b = self.alias[seg.space]
+                out += self.expand([Segment(a, self.size[a], seg.factor), Segment(b, self.size[b], seg.factor)])
+            else:
+                out.append(seg)
+        return out
+
+    def refine(self, lay, cuts: list[int]):
+        """Split spaces so that the layout has a boundary at every cut (channel positions); None if it cannot."""
+        lay = self.expand(lay)
+        pos, out = 0, []
+        for seg in lay:
+            inner = [c - pos for c in cuts if pos < c < pos + seg.size]
+            if inner:
+                if not self.split(seg.space, inner[0]):
+                    return None
+                return self.refine(lay, cuts)
+            out.append(seg)
+            pos += seg.size
+        return out
 
 
 @dataclass
@@ -140,7 +179,7 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
         return None if axis is None else [Segment(spaces.new(s[axis], why), s[axis])]
 
     def freeze(lay, why: str) -> None:
-        for seg in lay or []:
+        for seg in spaces.expand(lay) or []:
             spaces.freeze(seg.space, why)
 
     def add_slots(lay, module: str, dim: str) -> None:
@@ -154,14 +193,14 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
 
     for n in gm.graph.nodes:
         ins = [a for a in n.all_input_nodes]
-        in_lay = layout.get(ins[0]) if ins else None
+        in_lay = spaces.expand(layout.get(ins[0])) if ins else None
         if n.op == "placeholder":
             layout[n] = new_layout(n, "model input")
         elif n.op == "get_attr":
             layout[n] = None
         elif n.op == "output":
             for a in ins:
-                freeze(layout.get(a), "reaches the model output")
+                freeze(spaces.expand(layout.get(a)), "reaches the model output")
         elif n.op == "call_module":
             m = modules[n.target]
             if isinstance(m, nn.Conv2d):
@@ -201,10 +240,17 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
             if (n.op == "call_function" and fn in PASS_FUNCTIONS) or (n.op == "call_method" and fn in PASS_METHODS):
                 layout[n] = in_lay
             elif (n.op == "call_function" and fn in MERGE_FUNCTIONS) or (n.op == "call_method" and fn in MERGE_METHODS):
-                lays = [layout.get(a) for a in tensor_args]
+                lays = [spaces.expand(layout.get(a)) for a in tensor_args]
                 if len(lays) == 1:
                     layout[n] = lays[0]
-                elif all(lay is not None for lay in lays) and _same_segments(lays):
+                    continue
+                if all(lay is not None for lay in lays) and not _same_segments(lays) and \
+                        len({sum(s.size for s in lay) for lay in lays}) == 1 and \
+                        all(s.factor == 1 for lay in lays for s in lay):
+                    cuts = sorted({c for lay in lays for c in _cuts(lay)})
+                    refined = [spaces.refine(lay, cuts) for lay in lays]
+                    lays = refined if all(r is not None for r in refined) else lays
+                if all(lay is not None for lay in lays) and _same_segments(lays):
                     for segs in zip(*lays):
                         for s in segs[1:]:
                             spaces.union(segs[0].space, s.space)
@@ -214,7 +260,7 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
                         freeze(lay, f"{n.name}: operands with different channel layouts")
                     layout[n] = new_layout(n, f"{n.name}")
             elif n.op == "call_function" and fn is torch.cat and _cat_on_channels(n, shape):
-                lays = [layout.get(a) for a in n.args[0]]
+                lays = [spaces.expand(layout.get(a)) for a in n.args[0]]
                 layout[n] = None if any(lay is None for lay in lays) else [s for lay in lays for s in lay]
             elif (n.op == "call_function" and fn is torch.flatten) or (n.op == "call_method" and fn in ("flatten", "view", "reshape")):
                 layout[n] = _flatten(in_lay, shape(ins[0]), shape(n), freeze, n)
@@ -225,12 +271,22 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
                 layout[n] = new_layout(n, f"output of {name} ({n.name})")
     groups: dict[int, Group] = {}
     for sid in range(len(spaces.parent)):
+        if sid in spaces.alias:
+            continue
         root = spaces.find(sid)
         g = groups.setdefault(root, Group(len(groups), spaces.size[root]))
         g.slots += spaces.slots.get(sid, [])
         if sid in spaces.frozen and g.frozen is None:
             g.frozen = spaces.frozen[sid]
     return DependencyGraph(model, [g for g in groups.values() if g.slots], modules)
+
+
+def _cuts(lay) -> list[int]:
+    pos, out = 0, []
+    for seg in lay[:-1]:
+        pos += seg.size
+        out.append(pos)
+    return out
 
 
 def _same_segments(lays) -> bool:

@@ -1,0 +1,145 @@
+"""Structured pruning: the dependency graph couples what must shrink together, the pruned model is really
+smaller (MACs, ONNX), computes what the kept channels computed, and bad input gets clear errors."""
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import smallify as sm
+from smallify.errors import ConfigError, ModelError
+from smallify.measure import count_macs
+from smallify.prune.graph import build
+
+
+class Branchy(nn.Module):
+    """Concatenation, a depthwise convolution, a squeeze-excite style multiply and a Linear after flatten."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(14)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14)
+        self.se = nn.Conv2d(14, 14, 1)
+        self.head = nn.Conv2d(14, 10, 1)
+        self.fc = nn.Linear(10 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        y = self.dw(y)
+        y = y * torch.sigmoid(self.se(F.adaptive_avg_pool2d(y, 1)))
+        y = F.adaptive_avg_pool2d(torch.relu(self.head(y)), 4)
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_graph_groups_residual_stages(model, calib):
+    g = build(model, calib[:2])
+    stage = next(gr for gr in g.groups if "layers.1.0.downsample.0" in gr.producers)
+    # the residual stage couples the downsample, both blocks' last convolutions and every reader of the sum
+    assert set(stage.producers) == {"layers.1.0.downsample.0", "layers.1.0.conv2"} and stage.frozen is None
+    assert {s.module for s in stage.slots if s.dim == "bn"} == {"layers.1.0.downsample.1", "layers.1.0.bn2"}
+    assert ("fc", "in") in {(s.module, s.dim) for s in stage.slots}
+    assert next(gr for gr in g.groups if gr.producers == ["fc"]).frozen == "reaches the model output"
+
+
+def test_graph_concat_depthwise_multiply_flatten():
+    m = Branchy().eval()
+    g = build(m, torch.randn(2, 3, 8, 8))
+    a = next(gr for gr in g.groups if "a" in gr.producers)
+    # x * sigmoid(se(...)) merges se's output with the concat: its first 8 channels join a's group
+    assert sorted(a.producers) == ["a", "se"] and a.size == 8 and a.frozen is None
+    slots = {(s.module, s.dim, s.offset, s.factor) for s in a.slots}
+    assert {("bn", "bn", 0, 1), ("dw", "dw", 0, 1), ("se", "in", 0, 1), ("se", "out", 0, 1), ("head", "in", 0, 1)} <= slots
+    b = next(gr for gr in g.groups if "b" in gr.producers)
+    assert {("bn", "bn", 8, 1), ("se", "out", 8, 1), ("head", "in", 8, 1)} <= {(s.module, s.dim, s.offset, s.factor)
+                                                                              for s in b.slots}
+    head = next(gr for gr in g.groups if gr.producers == ["head"])
+    assert ("fc", "in", 0, 16) in {(s.module, s.dim, s.offset, s.factor) for s in head.slots}
+
+
+def test_pruned_branchy_model_runs_and_exports(tmp_path):
+    m = Branchy().eval()
+    x = torch.randn(8, 3, 8, 8)
+    p = sm.prune(m, sm.ChannelPrune(ratio=0.5), x[:2])
+    assert p(x).shape == (8, 5)
+    assert p.a.out_channels == 4 and p.b.out_channels == 3 and p.dw.groups == 7 and p.fc.in_features == 5 * 16
+    assert p.prune_report.macs_after < 0.5 * p.prune_report.macs_before
+    sm.export_onnx(p, tmp_path / "p.onnx", x[:1])
+    s = ort.InferenceSession(str(tmp_path / "p.onnx"))
+    assert torch.allclose(torch.from_numpy(s.run(None, {"input": x.numpy()})[0]), p(x), atol=1e-4)
+
+
+def test_removing_dead_channels_changes_nothing(calib):
+    """Channels whose BatchNorm scale and shift are zero contribute nothing: removing them is exact."""
+    from conftest import small_resnet
+
+    model = small_resnet()
+    bn = model.get_submodule("layers.0.0.bn1")
+    with torch.no_grad():
+        bn.weight[::2] = 0
+        bn.bias[::2] = 0
+    others = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "layers.0.0.conv1")
+    p = sm.prune(model, sm.ChannelPrune(ratio=0.5, importance="bn_scale", ignore=others), calib[:2])
+    assert p.get_submodule("layers.0.0.conv1").out_channels == 4 and p.get_submodule("layers.0.0.conv2").in_channels == 4
+    assert torch.allclose(p(calib), model.eval()(calib), atol=1e-5)
+    same = sm.prune(model, sm.ChannelPrune(ratio=0.0), calib[:2])
+    assert torch.equal(same(calib), model(calib))
+
+
+@pytest.mark.parametrize("importance", ["l2", "l1", "bn_scale", "taylor", "activation", "apoz"])
+def test_every_criterion_prunes(model, calib, importance):
+    labels = torch.randint(0, 10, (len(calib),), generator=torch.Generator().manual_seed(0))
+    data = [(calib[i:i + 16], labels[i:i + 16]) for i in range(0, len(calib), 16)]
+    p = sm.prune(model, sm.ChannelPrune(ratio=0.5, importance=importance, round_to=2), calib[:2], data=data)
+    assert p(calib).shape == (64, 10) and p.prune_report.macs_ratio < 0.4
+    assert all(g["after"] % 2 == 0 for g in p.prune_report.groups if "after" in g)
+
+
+def test_global_scope_and_ignore(model, calib):
+    p = sm.prune(model, sm.ChannelPrune(ratio=0.4, scope="global", ignore=("stem.0",)), calib[:2])
+    groups = {tuple(g["producers"]): g for g in p.prune_report.groups}
+    stem = next(g for k, g in groups.items() if "stem.0" in k)
+    assert "after" not in stem and "ignored" in stem["frozen"]
+    removed = sum(g["before"] - g["after"] for g in p.prune_report.groups if "after" in g)
+    total = sum(g["before"] for g in p.prune_report.groups if "after" in g)
+    assert 0.3 < removed / total <= 0.45
+
+
+@torch.no_grad()
+def test_reconstruction_recovers_without_training(model, calib):
+    ref = model(calib)
+    plain = sm.prune(model, sm.ChannelPrune(ratio=0.3), calib[:2])
+    rec = sm.prune(model, sm.ChannelPrune(ratio=0.3, reconstruct=True), calib[:2], data=calib)
+    err = lambda m: float((m(calib) - ref).pow(2).mean() / ref.pow(2).mean().detach())   # noqa: E731
+    assert err(rec) < 0.5 * err(plain)
+
+
+def test_bad_prune_input(model, calib):
+    with pytest.raises(ConfigError, match=r"ratio=1.0 is not supported; accepted: a number in \[0, 1\)"):
+        sm.ChannelPrune(ratio=1.0)
+    with pytest.raises(ConfigError, match="accepted: l2, l1, bn_scale"):
+        sm.ChannelPrune(importance="random")
+    with pytest.raises(sm.DataError, match="needs data="):
+        sm.prune(model, sm.ChannelPrune(importance="activation"), calib[:2])
+    with pytest.raises(ConfigError, match="would leave group .* of layers.0.0.conv1 with no channels"):
+        sm.prune(model, sm.ChannelPrune(ratio=0.3, layer_ratios={"layers.0.0.conv1": 0.99}), calib[:2])
+    with pytest.raises(ConfigError, match=r"layer_ratios\['x'\]=1.5"):
+        sm.ChannelPrune(layer_ratios={"x": 1.5})
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.c(x) if x.sum() > 0 else -self.c(x)
+
+    with pytest.raises(ModelError, match="cannot trace Untraceable.*ignore="):
+        sm.prune(Untraceable(), sm.ChannelPrune(), calib[:2])
+
+
+def test_count_macs_closed_form():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 4))
+    assert count_macs(m, torch.randn(2, 3, 5, 5)) == 8 * 25 * 27 + 200 * 4
