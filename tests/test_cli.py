@@ -229,3 +229,69 @@ def test_cli_eval_hook_failures_are_reported(tmp_path, monkeypatch, float_onnx, 
     assert_fails(run("quantize", float_onnx, "--calib", calib_npz, "--out", out, "--max-drop", "0.3", "--eval", hook),
                  message)
     assert not out.exists()
+
+
+def test_prune_then_distill_the_example(tmp_path):
+    import torch
+
+    import smallify as sm
+    from smallify.examples.demo import calibration_images
+    from smallify.examples.models import fmnist_resnet
+
+    pruned = tmp_path / "pruned.smallify"
+    r = run("prune", "--ratio", "0.3", "--reconstruct", "--out", pruned, "--onnx", tmp_path / "pruned.onnx")
+    assert r.exit_code == 0, r.output
+    assert "(0.4" in r.stdout and "MACs" in r.stdout and (tmp_path / "pruned.onnx").exists()
+    small = sm.load(pruned, fmnist_resnet())
+    assert small.get_submodule("stem.0").out_channels == 11
+    x = calibration_images(256, seed=3)
+    np.savez(tmp_path / "train.npz", x=x, y=np.zeros(len(x), np.int64))
+    student = tmp_path / "student.smallify"
+    r = run("distill", "--student", "example", "--student-weights", pruned, "--data", tmp_path / "train.npz",
+            "--epochs", "0.25", "--out", student)
+    assert r.exit_code == 0, r.output
+    trained = sm.load(student, fmnist_resnet())
+    assert trained(torch.from_numpy(x[:4])).shape == (4, 10)
+    assert not torch.equal(trained.stem[0].weight, small.stem[0].weight)
+
+
+def test_prune_a_user_model_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "usernet.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(16, 4, 1))\n")
+    monkeypatch.chdir(tmp_path)
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(tmp_path))
+    import usernet
+
+    save_file(usernet.build().state_dict(), tmp_path / "w.safetensors")
+    r = run("prune", "--model", "usernet:build", "--weights", tmp_path / "w.safetensors", "--ratio", "0.5",
+            "--input-shape", "1,3,8,8", "--out", tmp_path / "p.smallify")
+    assert r.exit_code == 0, r.output
+    assert "16 -> 8 channels" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "1.2"], r"ratio=1.2 is not supported"),
+    (["--model", "nowhere:f", "--input-shape", "1,3,8,8"], "cannot load --model"),
+    (["--importance", "random"], "accepted: l2, l1, bn_scale"),
+])
+def test_prune_bad_input(tmp_path, args, message):
+    out = tmp_path / "p.smallify"
+    assert_fails(run("prune", "--out", out, *args), message)
+    assert not out.exists()
+
+
+def test_distill_shape_mismatch(tmp_path, monkeypatch):
+    (tmp_path / "tiny.py").write_text("import torch\ndef three():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+                                      "torch.nn.Linear(784, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 1, 28, 28), np.float32))
+    out = tmp_path / "s.smallify"
+    assert_fails(run("distill", "--student", "tiny:three", "--data", tmp_path / "d.npz", "--out", out),
+                 "outputs differ in shape")
+    assert not out.exists()

@@ -136,6 +136,179 @@ def quantize(
     typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
 
 
+def _model_from(spec: str, weights: Optional[Path], what: str):
+    """'example' (the bundled Fashion-MNIST ResNet, trained) or 'package.module:factory' (+ weights)."""
+    if spec == "example":
+        from smallify.examples.demo import pretrained_fmnist_resnet
+
+        model = pretrained_fmnist_resnet()
+    else:
+        model = load_callable(spec, f"--{what}")()
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"--{what} {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        from smallify.pack import load
+
+        if str(weights).endswith(".safetensors") and not _has_manifest(weights):
+            from safetensors.torch import load_file
+
+            from smallify.pack.container import _fit_shapes
+
+            state = load_file(str(weights))
+            _fit_shapes(model, state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ConfigError(f"{weights} does not fit {spec}: {str(e).splitlines()[0]}") from None
+        else:
+            model = load(weights, model)
+    return model.eval()
+
+
+def _has_manifest(path: Path) -> bool:
+    from smallify.pack.container import read_manifest
+
+    try:
+        read_manifest(path)
+        return True
+    except SmallifyError:
+        return False
+
+
+def _example_batch(model_spec: str, input_shape: Optional[str], calib):
+    import torch
+
+    if calib is not None:
+        return torch.from_numpy(next(iter(calib.values()))[:2])
+    if input_shape:
+        try:
+            dims = [int(d) for d in input_shape.split(",")]
+        except ValueError:
+            raise ConfigError(f"--input-shape {input_shape!r} must be comma-separated integers, e.g. 1,3,224,224") from None
+        return torch.randn(*dims)
+    if model_spec == "example":
+        return torch.zeros(2, 1, 28, 28)
+    raise ConfigError("give --input-shape (e.g. 1,3,224,224) or --calib so that the model can be traced")
+
+
+@app.command()
+def prune(
+    model: str = typer.Option("example", "--model", help="'example' (bundled Fashion-MNIST ResNet) or "
+                              "package.module:factory"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="safetensors / .smallify weights for --model"),
+    out: Path = typer.Option(..., "--out", help="the pruned model (.smallify: load it with smallify.load or "
+                             "as --student-weights)"),
+    onnx_out: Optional[Path] = typer.Option(None, "--onnx", help="also export the pruned model to ONNX"),
+    ratio: float = typer.Option(0.3, "--ratio", help="fraction of channels removed, in [0, 1)"),
+    importance: str = typer.Option("l2", "--importance", help="l2 | l1 | bn_scale | taylor | activation | apoz"),
+    scope: str = typer.Option("layer", "--scope", help="layer (every group) | global (ranked across groups)"),
+    ignore: list[str] = typer.Option([], "--ignore", help="layer pattern whose output channels stay; repeatable"),
+    round_to: int = typer.Option(1, "--round-to", help="kept channel counts are multiples of this"),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="refit the next layers by least squares"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz of inputs (activation criteria, "
+                                         "--reconstruct; default for the example: 512 training images)"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224 (tracing)"),
+):
+    """Remove channels (structured pruning); the result is physically smaller."""
+    from smallify.data import load_npz
+    from smallify.pack import save
+    from smallify.prune import ChannelPrune
+    from smallify.prune import prune as prune_verb
+
+    try:
+        from smallify.onnx_io import check_writable
+
+        check_writable(out)
+        if onnx_out is not None:
+            check_writable(onnx_out)
+        config = ChannelPrune(ratio=ratio, importance=importance, scope=scope, ignore=tuple(ignore),
+                              round_to=round_to, reconstruct=reconstruct)
+        net = _model_from(model, weights, "model")
+        arrays = load_npz(calib) if calib is not None else None
+        data = None
+        if arrays is not None:
+            import torch
+
+            data = torch.from_numpy(next(iter(arrays.values())))
+        elif model == "example":
+            import torch
+
+            from smallify.examples.demo import calibration_images
+
+            data = torch.from_numpy(calibration_images(512))
+        example = _example_batch(model, input_shape, arrays)
+        pruned = prune_verb(net, config, example, data=data)
+        save(pruned, out)
+        if onnx_out is not None:
+            from smallify.export.onnx import export_onnx
+
+            export_onnx(pruned, onnx_out, example[:1])
+    except SmallifyError as e:
+        _fail(str(e))
+    typer.echo(str(pruned.prune_report))
+    typer.echo(f"wrote {out}" + (f" and {onnx_out}" if onnx_out else ""))
+
+
+@app.command()
+def distill(
+    student: str = typer.Option(..., "--student", help="'example' or package.module:factory"),
+    student_weights: Optional[Path] = typer.Option(None, "--student-weights", help="e.g. the .smallify from "
+                                                   "smallify prune"),
+    teacher: str = typer.Option("example", "--teacher", help="'example' or package.module:factory"),
+    teacher_weights: Optional[Path] = typer.Option(None, "--teacher-weights"),
+    data: Optional[Path] = typer.Option(None, "--data", help=".npz with 'x' (inputs) and optionally 'y' "
+                                        "(labels); default with the example teacher: Fashion-MNIST train"),
+    out: Path = typer.Option(..., "--out", help="the trained student (.smallify)"),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    temperature: float = typer.Option(4.0, "--temperature"),
+    alpha: float = typer.Option(0.9, "--alpha", help="weight of the soft-label loss (1 - alpha on labels)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="resume file (written as it trains)"),
+):
+    """Train a student on a teacher's soft labels (knowledge distillation)."""
+    import numpy as np
+    import torch
+
+    from smallify.data import load_npz
+    from smallify.distill import KD
+    from smallify.distill import distill as distill_verb
+    from smallify.pack import save
+    from smallify.train import TrainConfig, TrainData
+
+    try:
+        from smallify.onnx_io import check_writable
+
+        check_writable(out)
+        config, train_config = KD(temperature=temperature, alpha=alpha), TrainConfig(epochs=epochs, lr=lr)
+        t_model = _model_from(teacher, teacher_weights, "teacher")
+        s_model = _model_from(student, student_weights, "student")
+        if data is not None:
+            arrays = load_npz(data)
+            if "x" not in arrays:
+                raise ConfigError(f"{data} needs an array 'x' (inputs) and optionally 'y' (labels); it has {sorted(arrays)}")
+            x, y = torch.from_numpy(arrays["x"]), (torch.from_numpy(arrays["y"].astype(np.int64)) if "y" in arrays else None)
+            augment = None
+        elif teacher == "example":
+            from smallify.examples import fashion_mnist
+            from smallify.examples.train_fmnist import augment
+
+            xs, ys = fashion_mnist.load("train")
+            x, y = torch.from_numpy(fashion_mnist.normalize(xs)), torch.from_numpy(ys.astype(np.int64))
+        else:
+            raise ConfigError("give --data train.npz (arrays 'x' and optionally 'y')")
+        distill_verb(s_model, t_model, TrainData(x, y, batch_size, augment=augment), config, train_config,
+                     checkpoint=checkpoint, progress=sys.stderr.isatty())
+        save(s_model, out)
+    except SmallifyError as e:
+        _fail(str(e))
+    for h in s_model.train_history:
+        typer.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}")
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX models taking the same inputs; ratios are to the first"),

@@ -227,7 +227,8 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
 
 
 def _keep_count(n: int, ratio: float, round_to: int) -> int:
-    keep = n - int(round(n * ratio))
+    """Channels kept when at least ``ratio`` of ``n`` go, rounded to a multiple of ``round_to``."""
+    keep = int(n * (1 - ratio) + 1e-9)
     if keep <= 0:
         return 0
     return min(n, max(round_to, int(round(keep / round_to)) * round_to))
