@@ -4,6 +4,7 @@ from smallify.errors import ConfigError, DataError, ModelError, OutputError, Sma
 from smallify.export.onnx import export_onnx
 from smallify.distill import KD, distill
 from smallify.pack import load, save
+from smallify.prune import AttentionPrune, prune_attention
 from smallify.prune import ChannelPrune, Unstructured, finalize, prune, prune_gradually, sparsify, sparsity_of
 from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
 from smallify.quant.dynamic import Int8Dynamic
@@ -12,6 +13,6 @@ from smallify.quant.qat import qat
 from smallify.train import TrainConfig, TrainData, train
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "qat", "prune", "ChannelPrune", "Unstructured", "sparsify", "prune_gradually", "finalize",
+__all__ = ["quantize", "qat", "prune", "prune_attention", "AttentionPrune", "ChannelPrune", "Unstructured", "sparsify", "prune_gradually", "finalize",
            "sparsity_of", "distill", "KD", "train", "TrainConfig", "TrainData", "export_onnx", "save", "load", "Int8Static", "FP8Static", "WeightOnly", "Float16", "MixedPrecision", "Int8Dynamic", "QuantizedONNX", "SmallifyError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]

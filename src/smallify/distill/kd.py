@@ -21,15 +21,21 @@ from smallify.train import TrainConfig, TrainData, train
 @dataclasses.dataclass
 class KD(Config):
     """``temperature`` T > 0; ``alpha`` in [0, 1]: weight of the soft-label loss (1 - alpha on the labels);
-    ``features``: {student layer: teacher layer} pairs matched by MSE, weighted ``feature_weight``."""
+    ``features``: {student layer: teacher layer} pairs matched by MSE, weighted ``feature_weight``;
+    ``output_loss``: 'kl' on softened logits (classifiers), 'mse' or 'cosine' (1 - cos) on the outputs
+    themselves (embedding models)."""
 
     kind = "kd"
     temperature: float = 4.0
     alpha: float = 0.9
     features: dict = dataclasses.field(default_factory=dict)
     feature_weight: float = 1.0
+    output_loss: str = "kl"
 
     def __post_init__(self):
+        if self.output_loss not in ("kl", "mse", "cosine"):
+            raise ConfigError(f"output_loss={self.output_loss!r} is not supported; accepted: 'kl' (class logits), "
+                              "'mse', 'cosine' (embeddings, regression outputs)")
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature!r} must be > 0")
         if not 0 <= self.alpha <= 1:
@@ -101,7 +107,13 @@ def distill(student: nn.Module, teacher: nn.Module, data: TrainData, config: KD 
     def loss_fn(out, target, x):
         with torch.no_grad():
             t_out = teacher(x)
-        loss = config.alpha * kd_loss(out, t_out, config.temperature)
+        if config.output_loss == "kl":
+            soft = kd_loss(out, t_out, config.temperature)
+        elif config.output_loss == "mse":
+            soft = F.mse_loss(out, t_out)
+        else:
+            soft = (1 - F.cosine_similarity(out.flatten(1), t_out.flatten(1))).mean()
+        loss = config.alpha * soft
         if target is not None and config.alpha < 1:
             loss = loss + (1 - config.alpha) * F.cross_entropy(out, target)
         for s_name, t_name in config.features.items():
