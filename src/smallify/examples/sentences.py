@@ -34,3 +34,31 @@ def sentences(n: int | None = None, min_words: int = 6, max_words: int = 40) -> 
                     seen.add(s)
                     out.append(s)
     return out if n is None else out[:n]
+
+
+def more_sentences(exclude: set[str] | list[str] = (), min_words: int = 5, max_words: int = 48) -> list[str]:
+    """Every sentence of every docstring paragraph of the same modules, their classes and their methods, minus
+    ``exclude`` (e.g. an evaluation set): training text for distilling sentence-embedding models."""
+    skip, out, seen = set(exclude), [], set()
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        objs = []
+        for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0]):
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                objs.append(obj)
+                if inspect.isclass(obj):
+                    objs += [m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
+        for obj in objs:
+            doc = inspect.getdoc(obj) or ""
+            for para in doc.split("\n\n"):
+                text = " ".join(para.split())
+                for s in re.split(r"(?<=[.!?])\s+", text):
+                    words = s.split()
+                    if min_words <= len(words) <= max_words and s[:1].isupper() and s not in seen \
+                            and s not in skip and ">>>" not in s:
+                        seen.add(s)
+                        out.append(s)
+    return out

@@ -97,9 +97,9 @@ def prune_attention(model: nn.Module, config: AttentionPrune | None = None, data
     model = copy.deepcopy(model).eval()
     params0 = count_params(model)
     blocks = find_blocks(model)
-    stats = _activation_stats(model, blocks, data) if config.importance == "activation" else None
     if config.importance == "activation" and data is None:
         raise DataError("importance 'activation' needs data= (batches the model takes)")
+    stats = _activation_stats(model, blocks, data) if config.importance == "activation" else None
     report = []
     for b in blocks:
         hd = b.attn.attention_head_size
