@@ -97,10 +97,12 @@ def main(argv=None) -> None:
                         data=xtr[:512])
         t_ours = time.perf_counter() - t0
         before_ft = acc(ours)
+        plain = acc(sm.prune(teacher, sm.ChannelPrune(ratio=args.ratio, importance="l2"), example))
         print(ours.prune_report, file=sys.stderr)
         t0 = time.perf_counter()
         recover(ours)
-        add(f"smallify ratio {args.ratio} + KD {args.epochs:g} ep", ours, top1_before_ft=before_ft, prune_s=t_ours,
+        add(f"smallify ratio {args.ratio} + KD {args.epochs:g} ep", ours, top1_before_ft=before_ft,
+            top1_no_reconstruct=plain, prune_s=t_ours,
             finetune_s=time.perf_counter() - t0)
         try:
             t0 = time.perf_counter()
