@@ -35,3 +35,6 @@ test-fast: setup data
 bench: setup data
 	$(BIN)/python benchmarks/ptq_cnn.py
 	$(BIN)/python benchmarks/ptq_minilm.py
+	$(BIN)/python benchmarks/quant_fmnist.py
+	$(BIN)/python benchmarks/prune_fmnist.py
+	$(BIN)/python benchmarks/prune_minilm.py
