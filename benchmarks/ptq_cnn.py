@@ -153,13 +153,16 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=["fmnist", "resnet18"], default=None)
     ap.add_argument("--min-runs", type=int, default=20, help="timed calls per model and batch size, at least")
     ap.add_argument("--json", default="out/bench/ptq_cnn.json")
+    ap.add_argument("--keep", default=None, help="write the models to this folder (kept) instead of a temporary one")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         if args.only in (None, "fmnist"):
             work = Path(tmp) / "fmnist"
-            work.mkdir()
+            work.mkdir(exist_ok=True)
             xte, yte = fashion_mnist.load("test")
             rows = run_case("(a) Fashion-MNIST ResNet, 10,000 test images, 512 calibration images",
                             pretrained_fmnist_resnet(), calibration_images(512), work, args.threads, args.budget,
@@ -167,7 +170,7 @@ def main(argv=None) -> None:
             results["fmnist"] = [r.__dict__ for r in rows]
         if args.only in (None, "resnet18"):
             work = Path(tmp) / "resnet18"
-            work.mkdir()
+            work.mkdir(exist_ok=True)
             torch.manual_seed(0)
             model = resnet18().eval()
             calib = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
