@@ -213,14 +213,7 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
             counts[name] = counts.get(name, 0) + a.numel() / a.shape[1 if a.ndim == 4 else -1]
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(_inputs(b)[0])
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, {n: hook(n) for n in names}, modules)
     stats["mean"] = {n: sums[n] / counts[n] for n in names}
     stats["zeros"] = {n: zeros[n] / counts[n] for n in names}
     return stats
@@ -369,8 +362,14 @@ def _capture_inputs(model, graph: DependencyGraph, keep, data):
     modules = graph.modules
     names = sorted({s.module for g in graph.groups if g.id in keep for s in g.slots if s.dim == "in"})
     seen: dict[str, list] = {n: [] for n in names}
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach())))
-               for n in names]
+    _run_hooked(model, batches, {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach())))
+                                 for n in names}, modules)
+    return seen
+
+
+def _run_hooked(model: nn.Module, batches, hooks: dict, modules: dict) -> None:
+    """Run ``batches`` through ``model`` with forward hooks (layer name -> hook) attached, then remove them."""
+    handles = [modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
     try:
         with torch.no_grad():
             for b in batches:
@@ -378,7 +377,6 @@ def _capture_inputs(model, graph: DependencyGraph, keep, data):
     finally:
         for h in handles:
             h.remove()
-    return seen
 
 
 def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3) -> None:
