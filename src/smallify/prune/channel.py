@@ -202,7 +202,7 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
         model.zero_grad()
         return stats
     names = {s.module for g in graph.prunable() for s in _act_slots(g)}
-    sums, zeros, counts, handles = {}, {}, {}, []
+    sums, zeros, counts = {}, {}, {}
 
     def hook(name):
         def fn(m, args, out):

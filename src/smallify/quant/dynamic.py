@@ -79,25 +79,25 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
     """Rewrite MatMul/Gemm nodes with a constant 2-D weight as dynamic INT8 (see the module docstring).
     ``spec_for(layer name, weight name)`` -> WeightSpec or None (leave the layer); ``stored``: weight name ->
     (values, scale, zero) from PyTorch twins. Returns the layer names rewritten."""
-    from smallify.quant.onnx import _constants, _drop_unused_initializers, _layer_name, _weight_axes, _weight_input
+    from smallify.quant.onnx import constants, drop_unused_initializers, layer_name, weight_axes, weight_input
 
     g = model.graph
-    consts = _constants(model)
+    consts = constants(model)
     inits = {i.name for i in g.initializer}
     nodes, done = [], []
     for node in g.node:
-        w_idx = _weight_input(node, consts)
+        w_idx = weight_input(node, consts)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         ok = node.op_type in ("MatMul", "Gemm") and w_idx == 1 and node.input[1] in inits and \
             consts[node.input[1]].ndim == 2 and attrs.get("transA", 0) == 0 and \
             attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
-        name = _layer_name(node, consts)
+        name = layer_name(node, consts)
         spec = spec_for(name, node.input[1]) if ok else None
         if spec is None:
             nodes.append(node)
             continue
         wname, out = node.input[1], node.output[0]
-        _, transposed = _weight_axes(node)
+        _, transposed = weight_axes(node)
         w = torch.from_numpy(consts[wname].astype(np.float32))
         wt = w.T if transposed else w                      # PyTorch layout [N, K]
         if stored is not None and wname in stored:
@@ -125,21 +125,21 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
         done.append(name)
     del g.node[:]
     g.node.extend(nodes)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return done
 
 
 def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | None = None):
     """Dynamic INT8 for an ONNX model (no data); embedding tables become int8 as in the static path."""
     from smallify.quant.onnx import compact, preprocess, quantize_embeddings
-    from smallify.quant.weight_only import _onnx_layers
+    from smallify.quant.onnx import weight_layers
 
     if out is not None:
         onnx_io.check_writable(out)
     start = time.perf_counter()
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else copy.deepcopy(model_or_path)
     model = preprocess(model)
-    names = [(name, node.op_type, node.input[w]) for node, w, name, _ in _onnx_layers(model)]
+    names = [(name, node.op_type, node.input[w]) for node, w, name, _ in weight_layers(model)]
     spec = qmod.WeightSpec(INT8_WEIGHT, config.per_channel)
     done = set(quantize_dynamic_matmuls(model, lambda name, wname: None if config.skip_pattern(name, wname) else spec))
     reports = [LayerReport(name, op, "quantized" if name in done else "float",

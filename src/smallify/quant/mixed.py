@@ -233,7 +233,7 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
 
     from smallify import onnx_io
     from smallify.quant.onnx import preprocess, quantize_onnx
-    from smallify.quant.weight_only import _onnx_layers
+    from smallify.quant.onnx import weight_layers
     from smallify.train import call_metric
 
     if eval_fn is None:
@@ -251,7 +251,7 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
         quantized = set(report.quantized)
         pre = preprocess(model)
         dims = {i.name: list(i.dims) for i in pre.graph.initializer}
-        layers = {name: math.prod(dims[node.input[w]]) for node, w, name, _ in _onnx_layers(pre) if name in quantized}
+        layers = {name: math.prod(dims[node.input[w]]) for node, w, name, _ in weight_layers(pre) if name in quantized}
 
         def evaluate(plan: dict) -> float:
             path = os.path.join(tmp, "trial.onnx")

@@ -56,7 +56,7 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(out)
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -64,7 +64,7 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return consts
 
 
-def _weight_input(node: onnx.NodeProto, consts: dict) -> int | None:
+def weight_input(node: onnx.NodeProto, consts: dict) -> int | None:
     """Index of the constant weight input of a Conv/Gemm/MatMul, or None."""
     if node.op_type in ("Conv", "Gemm"):
         return 1 if len(node.input) > 1 and node.input[1] in consts else None
@@ -73,19 +73,30 @@ def _weight_input(node: onnx.NodeProto, consts: dict) -> int | None:
     return None
 
 
-def _layer_name(node: onnx.NodeProto, consts: dict | None = None) -> str:
+def layer_name(node: onnx.NodeProto, consts: dict | None = None) -> str:
     """A layer's name for people: its weight's name without '.weight' (the PyTorch module path for exported
     models), else the node's name."""
     if consts is not None and node.op_type in _WEIGHT_OPS:
-        w = _weight_input(node, consts)
+        w = weight_input(node, consts)
         if w is not None and node.input[w].endswith(".weight"):
             return node.input[w][: -len(".weight")]
     return node.name or node.output[0]
 
 
+def weight_layers(model: onnx.ModelProto):
+    """(node, weight input index, layer name, input channels) of every Conv/Gemm/MatMul with a constant weight."""
+    consts = constants(model)
+    inits = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        w_idx = weight_input(node, consts)
+        if w_idx is not None and node.input[w_idx] in inits:
+            w = consts[node.input[w_idx]]
+            yield node, w_idx, layer_name(node, consts), (w.shape[0] if weight_axes(node)[1] else w.shape[1])
+
+
 def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode], set[str], list[LayerReport]]:
     """The graph as the placement rule sees it, and a report line per weight layer."""
-    consts = _constants(model)
+    consts = constants(model)
     gnodes, reports = [], []
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -93,8 +104,8 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
         acts = [t for t in node.input if t and t not in consts]
         kind, quantize_it = _KINDS.get(node.op_type, "other"), True
         if node.op_type in _WEIGHT_OPS:
-            w = _weight_input(node, consts)
-            name = _layer_name(node, consts)
+            w = weight_input(node, consts)
+            name = layer_name(node, consts)
             if w is None and node.op_type != "MatMul":
                 reports.append(LayerReport(name, node.op_type, "float", "weight is not a constant initializer"))
                 kind = "other"
@@ -112,11 +123,11 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
                 else:
                     reports.append(LayerReport(name, node.op_type, "quantized"))
         elif node.op_type in _FLOAT_LAYERS:
-            reports.append(LayerReport(_layer_name(node), node.op_type, "float",
+            reports.append(LayerReport(layer_name(node), node.op_type, "float",
                                        f"{node.op_type} has no INT8 implementation (handled: Conv, Gemm, MatMul)"))
         if kind == "add" and len(acts) != 2:
             kind = "other"
-        gnodes.append(GNode(_layer_name(node, consts), kind, acts, list(node.output), quantize_it))
+        gnodes.append(GNode(layer_name(node, consts), kind, acts, list(node.output), quantize_it))
     return gnodes, {o.name for o in model.graph.output}, reports
 
 
@@ -196,7 +207,7 @@ def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], fm
     """Insert QuantizeLinear -> DequantizeLinear after each tensor in ``qparams`` and rewire its consumers
     (only those named in ``only_for[tensor]``, by layer name, when given)."""
     g = model.graph
-    consts = _constants(model)
+    consts = constants(model)
     only_for = only_for or {}
     zdtype = _onnx_type(fmt)
     inserted: dict[str, list[onnx.NodeProto]] = {}
@@ -213,7 +224,7 @@ def insert_qdq(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], fm
         nodes += inserted.get(t, [])
     for node in g.node:
         for i, t in enumerate(node.input):
-            if t in rename and (t not in only_for or _layer_name(node, consts) in only_for[t]):
+            if t in rename and (t not in only_for or layer_name(node, consts) in only_for[t]):
                 node.input[i] = rename[t]
         nodes.append(node)
         for o in node.output:
@@ -233,7 +244,7 @@ def reduce_mean_to_global_average_pool(model: onnx.ModelProto) -> int:
     """Rewrite ReduceMean over the spatial axes of a 4-D tensor (keepdims) as GlobalAveragePool, which ONNX
     Runtime runs on uint8 (QLinearGlobalAveragePool, channels-last) where ReduceMean would run in float.
     PyTorch exports ``AdaptiveAvgPool2d(1)`` as that ReduceMean. Returns the count."""
-    consts = _constants(model)
+    consts = constants(model)
     count = 0
     for n in model.graph.node:
         if n.op_type != "ReduceMean" or _rank(model, n.input[0]) != 4:
@@ -249,7 +260,7 @@ def reduce_mean_to_global_average_pool(model: onnx.ModelProto) -> int:
         del n.attribute[:]
         count += 1
     if count:
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
     return count
 
 
@@ -257,7 +268,7 @@ def fold_relu_into_quantize(model: onnx.ModelProto) -> int:
     """Remove each Relu whose only consumers are QuantizeLinear nodes with zero point at the bottom of the range
     (0 for uint8, -128 for int8): the quantizer's clamp already does what the Relu does. Returns the count."""
     g = model.graph
-    consts = _constants(model)
+    consts = constants(model)
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for t in n.input:
@@ -280,7 +291,7 @@ def fold_relu_into_quantize(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _weight_axes(node: onnx.NodeProto) -> tuple[int, bool]:
+def weight_axes(node: onnx.NodeProto) -> tuple[int, bool]:
     """(output-channel axis of the weight in ONNX layout, whether that layout is PyTorch's transposed)."""
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
@@ -328,7 +339,7 @@ def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int,
     g = model.graph
     wname = node.input[w_idx]
     w = torch.from_numpy(numpy_helper.to_array(next(i for i in g.initializer if i.name == wname)).astype(np.float32))
-    out_axis, transposed = _weight_axes(node)
+    out_axis, transposed = weight_axes(node)
     wt = w.T if transposed else w
     if stored is None:
         scale, zero = qmod.weight_params(wt, spec)
@@ -395,18 +406,18 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
     int32 when the weights are INT8 per channel or per tensor. Returns the names of the layers quantized.
     """
     g = model.graph
-    consts = _constants(model)
+    consts = constants(model)
     producer = {o: n for n in g.node for o in n.output}
     inits = {i.name for i in g.initializer}
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     done = []
     for idx, node in enumerate(g.node):
-        w_idx = _weight_input(node, consts)
+        w_idx = weight_input(node, consts)
         if w_idx is None or node.input[w_idx] not in inits:
             continue
-        wname, name = node.input[w_idx], _layer_name(node, consts)
+        wname, name = node.input[w_idx], layer_name(node, consts)
         w = consts[wname]
-        in_channels = w.shape[0] if _weight_axes(node)[1] else w.shape[1]
+        in_channels = w.shape[0] if weight_axes(node)[1] else w.shape[1]
         spec = spec_for(name, wname, in_channels)
         if spec is None or spec.fmt is None:
             continue
@@ -426,7 +437,7 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return done
 
 
@@ -439,7 +450,7 @@ def compact(model: onnx.ModelProto) -> None:
     long names of intermediate tensors. On a 175k-parameter model this takes the file from 0.30x to under
     0.27x the float file; weights keep their PyTorch names."""
     g = model.graph
-    consts = _constants(model)
+    consts = constants(model)
     producer = {o: n for n in g.node for o in n.output}
     for n in g.node:
         n.ClearField("name")
@@ -477,7 +488,7 @@ def compact(model: onnx.ModelProto) -> None:
                 rename[t] = n.output[i] = f"t{len(rename)}"
     del g.value_info[:]
     del g.metadata_props[:]   # the exporter's graph-level debugging records
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
 
 
 def quantize_embeddings(model: onnx.ModelProto, min_elements: int = 1 << 16) -> list[str]:
@@ -507,11 +518,11 @@ def quantize_embeddings(model: onnx.ModelProto, min_elements: int = 1 << 16) -> 
         done.append(name)
     del g.node[:]
     g.node.extend(nodes)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return done
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]

@@ -19,12 +19,12 @@ from smallify.quant import observers
 
 def _weight_matmuls(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Activation tensor -> the MatMul nodes that multiply it by a constant 2-D weight."""
-    from smallify.quant.onnx import _constants, _weight_input
+    from smallify.quant.onnx import constants, weight_input
 
-    consts = _constants(model)
+    consts = constants(model)
     groups: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
-        if n.op_type == "MatMul" and _weight_input(n, consts) == 1 and n.input[0] not in consts:
+        if n.op_type == "MatMul" and weight_input(n, consts) == 1 and n.input[0] not in consts:
             groups.setdefault(n.input[0], []).append(n)
     return groups
 
@@ -73,7 +73,7 @@ def smooth_onnx(model: onnx.ModelProto, data, config, alpha: float, progress: bo
                 ordered.append(new_nodes[o])
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-    from smallify.quant.onnx import _drop_unused_initializers
+    from smallify.quant.onnx import drop_unused_initializers
 
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return len(new_nodes)

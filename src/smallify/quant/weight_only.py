@@ -20,6 +20,7 @@ from torch import nn
 from smallify import onnx_io
 from smallify.quant import modules as qmod
 from smallify.quant.config import Float16, WeightOnly
+from smallify.quant.onnx import compact, drop_unused_initializers, preprocess, quantize_weights, weight_layers
 from smallify.quant.report import LayerReport, QuantReport
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,26 +95,13 @@ def half_module(model: nn.Module, config: Float16) -> nn.Module:
     return model
 
 
-def _onnx_layers(model: onnx.ModelProto):
-    from smallify.quant.onnx import _constants, _layer_name, _weight_axes, _weight_input
-
-    consts = _constants(model)
-    inits = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:
-        w_idx = _weight_input(node, consts)
-        if w_idx is not None and node.input[w_idx] in inits:
-            w = consts[node.input[w_idx]]
-            yield node, w_idx, _layer_name(node, consts), (w.shape[0] if _weight_axes(node)[1] else w.shape[1])
-
-
 def weight_only_onnx(model: onnx.ModelProto, config: WeightOnly) -> tuple[onnx.ModelProto, QuantReport]:
     """Weight-only quantization of an ONNX graph: DequantizeLinear (int4/uint4 blocks, int8) in front of each
     layer; ONNX Runtime turns DequantizeLinear(int4 blocks) + MatMul into its MatMulNBits kernel."""
-    from smallify.quant.onnx import quantize_weights
 
     start = time.perf_counter()
     reports, specs = [], {}
-    for node, w_idx, name, in_ch in _onnx_layers(model):
+    for node, w_idx, name, in_ch in weight_layers(model):
         spec = config.weight_spec(in_ch, name, node.input[w_idx])
         specs[node.input[w_idx]] = spec
         reports.append(LayerReport(name, node.op_type, "float" if spec.fmt is None else "quantized",
@@ -134,7 +122,7 @@ def store_half(model: onnx.ModelProto, half: str, selects) -> list[LayerReport]:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     reports, casts, done = [], [], set()
-    for node, w_idx, name, _ in list(_onnx_layers(model)):
+    for node, w_idx, name, _ in list(weight_layers(model)):
         if not selects(name, node.input[w_idx]):
             reports.append(LayerReport(name, node.op_type, "float", "not selected by layers/skip"))
             continue
@@ -154,15 +142,13 @@ def store_half(model: onnx.ModelProto, half: str, selects) -> list[LayerReport]:
     nodes = casts + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
-    from smallify.quant.onnx import _drop_unused_initializers
 
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return reports
 
 
 def convert_onnx(model_or_path, config, out: str | os.PathLike | None = None):
     """The ONNX entry for the configs that need no calibration (WeightOnly, Float16)."""
-    from smallify.quant.onnx import compact, preprocess
 
     if out is not None:
         onnx_io.check_writable(out)
