@@ -56,3 +56,10 @@ def test_bad_distillation_input():
         sm.KD(temperature=0)
     with pytest.raises(ModelError, match="no layer named"):
         sm.distill(nn.Linear(16, 5), nn.Linear(16, 5), sm.TrainData(x, y), sm.KD(features={"nope": "x"}))
+
+
+def test_distill_leaves_the_teacher_trainable():
+    x, y = _data(64)
+    teacher = nn.Linear(16, 5)
+    sm.distill(nn.Linear(16, 5), teacher, sm.TrainData(x, y), sm.KD(), sm.TrainConfig(epochs=0.5), progress=False)
+    assert all(p.requires_grad for p in teacher.parameters())

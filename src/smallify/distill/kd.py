@@ -84,9 +84,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: TrainData, config: KD 
 
         raise DataError(f"training data of type {type(data).__name__} is not supported; accepted: smallify.TrainData")
     _check_shapes(student, teacher, data.x[:2])
-    teacher = teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = teacher.eval()     # its outputs are computed under no_grad; its parameters are left as they are
     s_feats = _Features(student, list(config.features)) if config.features else None
     t_feats = _Features(teacher, list(config.features.values())) if config.features else None
     adapters = nn.ModuleDict()
