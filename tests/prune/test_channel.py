@@ -143,3 +143,10 @@ def test_bad_prune_input(model, calib):
 def test_count_macs_closed_form():
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 4))
     assert count_macs(m, torch.randn(2, 3, 5, 5)) == 8 * 25 * 27 + 200 * 4
+
+
+def test_reconstruction_with_groups_left_whole(model, calib):
+    """round_to can keep a group whole; the layers reading it are left as they are."""
+    p = sm.prune(model, sm.ChannelPrune(ratio=0.5, round_to=16, reconstruct=True), calib[:2], data=calib)
+    assert p.get_submodule("stem.0").out_channels == 8 or p.get_submodule("stem.0").out_channels == 16
+    assert p(calib).shape == (64, 10)

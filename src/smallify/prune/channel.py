@@ -360,7 +360,8 @@ def _capture_inputs(model, graph: DependencyGraph, keep, data):
     if not batches:
         raise DataError("reconstruct=True needs data= (calibration batches)")
     modules = graph.modules
-    names = sorted({s.module for g in graph.groups if g.id in keep for s in g.slots if s.dim == "in"})
+    names = sorted({s.module for g in graph.groups if g.id in keep and len(keep[g.id]) < g.size
+                    for s in g.slots if s.dim == "in"})
     seen: dict[str, list] = {n: [] for n in names}
     _run_hooked(model, batches, {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach())))
                                  for n in names}, modules)
