@@ -21,7 +21,8 @@ from smallify.quant import modules as qmod
 from smallify.quant.dynamic import DynamicQuantLinear, quantize_dynamic_matmuls
 from smallify.quant.primitives import FloatFormat
 from smallify.quant.weight_only import HalfPrecision, store_half
-from smallify.quant.onnx import compact, fold_relu_into_quantize, quantize_weights, reduce_mean_to_global_average_pool
+from smallify.quant.onnx import compact, fold_relu_into_quantize, reduce_mean_to_global_average_pool
+from smallify.quant.onnx_weights import quantize_weights
 
 
 class _ExportActQuant(nn.Module):

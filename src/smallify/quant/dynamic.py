@@ -79,7 +79,7 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
     """Rewrite MatMul/Gemm nodes with a constant 2-D weight as dynamic INT8 (see the module docstring).
     ``spec_for(layer name, weight name)`` -> WeightSpec or None (leave the layer); ``stored``: weight name ->
     (values, scale, zero) from PyTorch twins. Returns the layer names rewritten."""
-    from smallify.quant.onnx import constants, drop_unused_initializers, layer_name, weight_axes, weight_input
+    from smallify.quant.onnx_graph import constants, drop_unused_initializers, layer_name, weight_axes, weight_input
 
     g = model.graph
     consts = constants(model)
@@ -131,8 +131,9 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
 
 def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | None = None):
     """Dynamic INT8 for an ONNX model (no data); embedding tables become int8 as in the static path."""
-    from smallify.quant.onnx import compact, preprocess, quantize_embeddings
-    from smallify.quant.onnx import weight_layers
+    from smallify.quant.onnx import compact, preprocess
+    from smallify.quant.onnx_graph import weight_layers
+    from smallify.quant.onnx_weights import quantize_embeddings
 
     if out is not None:
         onnx_io.check_writable(out)

@@ -233,7 +233,7 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
 
     from smallify import onnx_io
     from smallify.quant.onnx import preprocess, quantize_onnx
-    from smallify.quant.onnx import weight_layers
+    from smallify.quant.onnx_graph import weight_layers
     from smallify.train import call_metric
 
     if eval_fn is None:

@@ -19,7 +19,7 @@ from smallify.quant import observers
 
 def _weight_matmuls(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Activation tensor -> the MatMul nodes that multiply it by a constant 2-D weight."""
-    from smallify.quant.onnx import constants, weight_input
+    from smallify.quant.onnx_graph import constants, weight_input
 
     consts = constants(model)
     groups: dict[str, list[onnx.NodeProto]] = {}
@@ -73,7 +73,7 @@ def smooth_onnx(model: onnx.ModelProto, data, config, alpha: float, progress: bo
                 ordered.append(new_nodes[o])
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-    from smallify.quant.onnx import drop_unused_initializers
+    from smallify.quant.onnx_graph import drop_unused_initializers
 
     drop_unused_initializers(model)
     return len(new_nodes)

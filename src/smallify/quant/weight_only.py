@@ -20,7 +20,9 @@ from torch import nn
 from smallify import onnx_io
 from smallify.quant import modules as qmod
 from smallify.quant.config import Float16, WeightOnly
-from smallify.quant.onnx import compact, drop_unused_initializers, preprocess, quantize_weights, weight_layers
+from smallify.quant.onnx import compact, preprocess
+from smallify.quant.onnx_graph import drop_unused_initializers, weight_layers
+from smallify.quant.onnx_weights import quantize_weights
 from smallify.quant.report import LayerReport, QuantReport
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
