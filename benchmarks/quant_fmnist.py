@@ -1,7 +1,7 @@
 """Every quantization format and workflow on the bundled Fashion-MNIST ResNet, in one table.
 
-    python benchmarks/quant_fmnist.py                 # about 15 minutes (three QAT runs of one epoch)
-    python benchmarks/quant_fmnist.py --qat-epochs 0  # PTQ rows only, about 2 minutes
+    python benchmarks/quant_fmnist.py                 # three QAT runs of one epoch: the longest part
+    python benchmarks/quant_fmnist.py --qat-epochs 0  # PTQ rows only
 
 Every model is written as ONNX and scored by ONNX Runtime on the 10,000 test images (FP8 models run with
 ORT's 'basic' optimization level, see FP8Static). Calibration: the same 512 training images for every row.

@@ -394,13 +394,13 @@ def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3) 
         if isinstance(m, nn.Conv2d):
             if m.groups != 1:
                 continue
-            keep_in = _kept_in_channels(m, x)
+            keep_in = _kept_in_channels(m)
             xs = x[:, keep_in]
             cols = F.unfold(xs, m.kernel_size, m.dilation, m.padding, m.stride)        # [N, Cin*k*k, L]
             a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
             t = (y - (m.bias.view(1, -1, 1, 1) if m.bias is not None else 0)).flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
         else:
-            keep_in = _kept_in_channels(m, x)
+            keep_in = _kept_in_channels(m)
             a = x[..., keep_in].reshape(-1, len(keep_in))
             t = (y - (m.bias if m.bias is not None else 0)).reshape(-1, y.shape[-1])
         if a.shape[0] > max_rows:
@@ -414,7 +414,7 @@ def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3) 
             m.weight.copy_(w.reshape(m.weight.shape))
 
 
-def _kept_in_channels(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _kept_in_channels(m: nn.Module) -> torch.Tensor:
     kept = getattr(m, "_smallify_kept_in", None)
     if kept is None:
         raise ModelError("internal: reconstruction lost track of the kept input channels")
