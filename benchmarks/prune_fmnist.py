@@ -1,12 +1,15 @@
 """Pruning and distillation on the bundled Fashion-MNIST ResNet, smallify against Torch-Pruning, one run.
 
-    python benchmarks/prune_fmnist.py [--epochs 2] [--ratio 0.3] [--only channel|sparse|kd]
+    python benchmarks/prune_fmnist.py [--epochs 5] [--only channel|sparse|kd]
 
-channel: the same pruning plan with smallify (L2 filter norms + least-squares reconstruction) and with
-         Torch-Pruning (MetaPruner, L2 magnitude, the classifier kept): ``--ratio`` of each group's channels,
-         ``--layer-ratio`` overrides, kept counts rounded to ``--round-to``; then the same recovery for both: ``--epochs`` of knowledge distillation from the unpruned model (AdamW, cosine).
-         Top-1 on the 10,000 test images, MACs, parameters, ONNX Runtime latency at batch 1 and 32 (one
-         interleaved loop, ratios to the unpruned model).
+channel: smallify's plan: ``--branches`` residual branches removed whole (the least output error per MAC
+         saved, on 512 training images), then ``--ratio`` of each channel group's channels with ``--layer-ratio``
+         overrides (L2 filter norms + least-squares reconstruction), kept counts rounded to ``--round-to``.
+         The peers' plan (Torch-Pruning cannot remove branches): ``--peer-ratio`` / ``--peer-layer-ratio`` of the
+         channels, run by Torch-Pruning (MetaPruner, L2 magnitude, the classifier kept) and by smallify.
+         Then the same recovery for every pruned model: ``--epochs`` of knowledge distillation from the
+         unpruned model (AdamW, cosine). Top-1 on the 10,000 test images, MACs, parameters, ONNX Runtime latency
+         at batch 1 and 32 (one interleaved loop, ratios to the unpruned model).
 sparse:  90% unstructured magnitude sparsity reached with the cubic schedule during ``--sparse-epochs`` of
          fine-tuning with distillation from the dense model; top-1 and the .smallify file size.
 kd:      a half-width student trained ``--kd-epochs`` from scratch on labels alone and with distillation from
@@ -56,13 +59,17 @@ def torch_pruning(model, example, ratio: float, round_to: int, layer_ratios: dic
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=5.0)
     ap.add_argument("--kd-epochs", type=float, default=3.0)
-    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--branches", type=int, default=2, help="smallify's plan: residual branches removed whole")
+    ap.add_argument("--ratio", type=float, default=0.0, help="smallify's plan: fraction of each group's channels")
+    ap.add_argument("--layer-ratio", action="append", default=None,
+                    help="smallify's plan: pattern=ratio, repeatable (default: layers.2.*=0.5); 'none' for none")
+    ap.add_argument("--peer-ratio", type=float, default=0.5, help="the channel-only plan both tools run")
+    ap.add_argument("--peer-layer-ratio", action="append", default=None,
+                    help="the channel-only plan: pattern=ratio, repeatable (default: layers.2.*=0.75)")
     ap.add_argument("--round-to", type=int, default=16, help="kept channel counts: multiples of this (ONNX Runtime's "
                     "x86 convolution kernels work on blocks of 16 channels)")
-    ap.add_argument("--layer-ratio", action="append", default=None,
-                    help="pattern=ratio, repeatable (default: layers.2.*=0.75); 'none' for no overrides")
     ap.add_argument("--sparse-epochs", type=float, default=4.0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--budget", type=float, default=10.0)
@@ -71,8 +78,12 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     parts = args.only or ["channel", "sparse", "kd"]
-    items = [i for i in (args.layer_ratio or ["layers.2.*=0.75"]) if i != "none"]
-    layer_ratios = {k: float(v) for k, v in (item.split("=") for item in items)}
+
+    def ratios(items, default):
+        return {k: float(v) for k, v in (i.split("=") for i in (items or [default]) if i != "none")}
+
+    layer_ratios = ratios(args.layer_ratio, "layers.2.*=0.5")
+    peer_ratios = ratios(args.peer_layer_ratio, "layers.2.*=0.75")
     torch.set_num_threads(args.threads)
     teacher = pretrained_fmnist_resnet()
     xtr, ytr = fashion_mnist.load("train")
@@ -106,29 +117,36 @@ def main(argv=None) -> None:
             print(f"{name}: {rows[-1].metrics}", file=sys.stderr, flush=True)
 
         add("unpruned", teacher)
-        t0 = time.perf_counter()
-        config = sm.ChannelPrune(ratio=args.ratio, importance="l2", reconstruct=True, round_to=args.round_to,
-                                 layer_ratios=layer_ratios)
-        ours = sm.prune(teacher, config, example, data=xtr[:512])
-        t_ours = time.perf_counter() - t0
-        before_ft = acc(ours)
-        plain = acc(sm.prune(teacher, dataclasses.replace(config, reconstruct=False), example))
-        print(ours.prune_report, file=sys.stderr)
-        t0 = time.perf_counter()
-        recover(ours)
-        widths = "/".join(str(ours.get_submodule(f"layers.{i}.0.conv1").out_channels) for i in range(3))
-        add(f"smallify {widths} + KD {args.epochs:g} ep", ours, top1_before_ft=before_ft,
-            top1_no_reconstruct=plain, prune_s=t_ours,
-            finetune_s=time.perf_counter() - t0)
+
+        def widths(m) -> str:
+            text = "/".join(str(m.get_submodule(f"layers.{i}.0.conv1").out_channels) for i in range(3))
+            gone = len(getattr(getattr(m, "prune_report", None), "branches", []))
+            return text + (f" - {gone} blocks" if gone else "")
+
+        def ours(config, label):
+            t0 = time.perf_counter()
+            m = sm.prune(teacher, config, example, data=xtr[:512])
+            prune_s = time.perf_counter() - t0
+            before_ft = acc(m)
+            plain = acc(sm.prune(teacher, dataclasses.replace(config, reconstruct=False), example, data=xtr[:512]))
+            print(m.prune_report, file=sys.stderr)
+            t0 = time.perf_counter()
+            recover(m)
+            add(f"{label} {widths(m)} + KD {args.epochs:g} ep", m, top1_before_ft=before_ft, top1_no_reconstruct=plain,
+                prune_s=prune_s, finetune_s=time.perf_counter() - t0)
+
+        ours(sm.ChannelPrune(ratio=args.ratio, importance="l2", reconstruct=True, round_to=args.round_to,
+                             layer_ratios=layer_ratios, branches=args.branches), "smallify")
+        ours(sm.ChannelPrune(ratio=args.peer_ratio, importance="l2", reconstruct=True, round_to=args.round_to,
+                             layer_ratios=peer_ratios), "smallify, channels only,")
         try:
             t0 = time.perf_counter()
-            theirs = torch_pruning(teacher, example, args.ratio, args.round_to, layer_ratios)
+            theirs = torch_pruning(teacher, example, args.peer_ratio, args.round_to, peer_ratios)
             t_theirs = time.perf_counter() - t0
             before_ft = acc(theirs)
             t0 = time.perf_counter()
             recover(theirs)
-            widths = "/".join(str(theirs.get_submodule(f"layers.{i}.0.conv1").out_channels) for i in range(3))
-            add(f"Torch-Pruning {widths} + KD {args.epochs:g} ep", theirs, top1_before_ft=before_ft,
+            add(f"Torch-Pruning {widths(theirs)} + KD {args.epochs:g} ep", theirs, top1_before_ft=before_ft,
                 prune_s=t_theirs, finetune_s=time.perf_counter() - t0)
         except ImportError:
             print("torch-pruning is not installed (pip install torch-pruning)", file=sys.stderr)

@@ -275,6 +275,23 @@ def test_prune_a_user_model_by_import_path(tmp_path, monkeypatch):
     assert "16 -> 8 channels" in r.stdout
 
 
+def test_prune_removes_branches_and_loads_back(tmp_path):
+    import torch
+
+    import smallify as sm
+    from smallify.examples.demo import calibration_images
+    from smallify.examples.models import fmnist_resnet
+
+    out = tmp_path / "p.smallify"
+    r = run("prune", "--ratio", "0.0", "--branches", "2", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("removed branch") == 2
+    small = sm.load(out, fmnist_resnet())
+    assert sum(1 for n in small.graph.nodes if n.op == "call_module" and n.target.endswith("conv2")) == 4
+    x = torch.from_numpy(calibration_images(8, seed=5))
+    assert small(x).shape == (8, 10)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ratio", "1.2"], r"ratio=1.2 is not supported"),
     (["--model", "nowhere:f", "--input-shape", "1,3,8,8"], "cannot load --model"),

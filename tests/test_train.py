@@ -100,6 +100,57 @@ def test_data_parallel_two_processes(tmp_path):
     assert torch.load(tmp_path / "ddp.ckpt", weights_only=True)["step"] == 48
 
 
+TORCHRUN_SCRIPT = """
+import sys
+import torch
+import smallify as sm
+from smallify.train import rank_and_world
+sys.path.insert(0, {tests!r})
+from test_train import _accuracy, _data, _model
+
+x, y = _data()
+model = _model()
+res = sm.train(model, sm.TrainData(x, y, batch_size=32), sm.TrainConfig(epochs=2, lr=1e-2), eval_fn=_accuracy(x, y),
+               progress=False)
+rank, world = rank_and_world()
+torch.save({{"state": model.state_dict(), "steps": res.steps, "world": world}}, {out!r} + f"/rank{{rank}}.pt")
+"""
+
+
+def _torchrun(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_trains_data_parallel(tmp_path):
+    """Launched by torchrun, smallify.train starts the gloo process group itself; the replicas agree."""
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    r = _torchrun(script, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 16      # 8 steps an epoch
+    for a, b in zip(r0["state"].values(), r1["state"].values()):
+        assert torch.equal(a, b)
+
+
+def test_torchrun_cli_distill_writes_once(tmp_path):
+    import numpy as np
+
+    from smallify.examples.demo import calibration_images
+
+    x = calibration_images(512, seed=4)
+    np.savez(tmp_path / "d.npz", x=x)
+    out = tmp_path / "student.smallify"
+    r = _torchrun("-m", "smallify.cli", "distill", "--student", "example", "--data", tmp_path / "d.npz",
+                  "--epochs", "1", "--batch-size", "64", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("data-parallel: 2 processes") == 1 and r.stdout.count("wrote") == 1
+    assert out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
 def test_bad_training_input():
     x, y = _data()
     with pytest.raises(ConfigError, match="optimizer='lion' is not supported"):

@@ -154,10 +154,10 @@ def _model_from(spec: str, weights: Optional[Path], what: str):
         if str(weights).endswith(".safetensors") and not _has_manifest(weights):
             from safetensors.torch import load_file
 
-            from smallify.pack.container import _fit_shapes
+            from smallify.pack import fit_shapes
 
             state = load_file(str(weights))
-            _fit_shapes(model, state)
+            fit_shapes(model, state)
             try:
                 model.load_state_dict(state)
             except RuntimeError as e:
@@ -207,6 +207,7 @@ def prune(
     ignore: list[str] = typer.Option([], "--ignore", help="layer pattern whose output channels stay; repeatable"),
     round_to: int = typer.Option(1, "--round-to", help="kept channel counts are multiples of this"),
     reconstruct: bool = typer.Option(False, "--reconstruct", help="refit the next layers by least squares"),
+    branches: int = typer.Option(0, "--branches", help="residual branches removed whole (ranked on --calib)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz of inputs (activation criteria, "
                                          "--reconstruct; default for the example: 512 training images)"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224 (tracing)"),
@@ -224,7 +225,7 @@ def prune(
         if onnx_out is not None:
             check_writable(onnx_out)
         config = ChannelPrune(ratio=ratio, importance=importance, scope=scope, ignore=tuple(ignore),
-                              round_to=round_to, reconstruct=reconstruct)
+                              round_to=round_to, reconstruct=reconstruct, branches=branches)
         net = _model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
         data = None
@@ -276,7 +277,7 @@ def distill(
     from smallify.distill import KD
     from smallify.distill import distill as distill_verb
     from smallify.pack import save
-    from smallify.train import TrainConfig, TrainData
+    from smallify.train import TrainConfig, TrainData, is_main_process, rank_and_world
 
     try:
         from smallify.onnx_io import check_writable
@@ -301,9 +302,14 @@ def distill(
             raise ConfigError("give --data train.npz (arrays 'x' and optionally 'y')")
         distill_verb(s_model, t_model, TrainData(x, y, batch_size, augment=augment), config, train_config,
                      checkpoint=checkpoint, progress=sys.stderr.isatty())
+        if not is_main_process():      # under torchrun: rank 0 writes the student and reports
+            return
         save(s_model, out)
     except SmallifyError as e:
         _fail(str(e))
+    rank_world = rank_and_world()[1]
+    if rank_world > 1:
+        typer.echo(f"data-parallel: {rank_world} processes")
     for h in s_model.train_history:
         typer.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}")
     typer.echo(f"wrote {out}")

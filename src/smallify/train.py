@@ -96,10 +96,22 @@ class TrainResult:
     resumed_from: int | None      # the global step a checkpoint resumed from
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size). Launched by ``torchrun`` (WORLD_SIZE > 1 in the environment) without a process
+    group yet, one is started here (gloo: CPU), so ``torchrun ... smallify distill`` trains data-parallel."""
+    if not torch.distributed.is_available():
+        return 0, 1
+    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            and "MASTER_ADDR" in os.environ:
+        torch.distributed.init_process_group("gloo")
+    if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    """False on every data-parallel process but rank 0 (which writes files and prints)."""
+    return rank_and_world()[0] == 0
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -143,7 +155,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, 
         raise DataError(f"training data of type {type(data).__name__} is not supported; accepted: "
                         "smallify.TrainData(x, y, batch_size) (reproducible order, so that runs can resume)")
     loss_fn = loss_fn or default_loss
-    rank, world = _world()
+    rank, world = rank_and_world()
     steps_per_epoch = len(data) // world   # under DDP a step is one batch per process
     if steps_per_epoch == 0:
         raise DataError(f"{len(data)} batch(es) cannot feed {world} processes; use a smaller batch_size")

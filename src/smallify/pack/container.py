@@ -3,7 +3,8 @@
 Layout: one safetensors file. Weights on an integer grid are bit-packed (``quant/packing.py``: b bits per
 weight) under ``<layer>.weight:packed``, FP8 weights are float8 tensors; symmetric grids store no zero points;
 float tensors that are at least half zeros (pruned) are stored as a bit mask and their nonzero values; scales, zero points, biases and every other tensor are stored as they are. The
-safetensors metadata holds the manifest: the config that made the model and each layer's grid. ``load`` builds
+safetensors metadata holds the manifest: the config that made the model, each layer's grid and the residual
+branches pruning removed (``prune/branches.py``; rebuilt by the same graph rewrite). ``load`` builds
 the compressed structure from the manifest on a float model the caller constructs (so no code is read from
 the file), then fills it: the output equals the saved model's.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from smallify import onnx_io
 from smallify.errors import ModelError
+from smallify.prune.branches import remove_branches, removed_branches
 from smallify.quant import modules as qmod
 from smallify.quant.packing import pack, unpack
 from smallify.quant.primitives import FloatFormat, IntFormat, dequantize
@@ -86,6 +88,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     config = getattr(model, "quant_config", None)
     manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict() if config is not None else None,
                 "layers": layers, "sparse": sparse}
+    if removed_branches(model):
+        manifest["removed_branches"] = removed_branches(model)
     return onnx_io.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest)}))
 
 
@@ -127,6 +131,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 
     manifest = read_manifest(path)
     config = _config_from(manifest["config"])
+    if manifest.get("removed_branches"):
+        model = remove_branches(model, manifest["removed_branches"])
     if config is None:
         target = model
     elif isinstance(config, Float16):
@@ -178,7 +184,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             state[f"{name}.weight_zero_point"] = zero
             w = dequantize(values, qmod.broadcast_param(scale, spec, values.ndim), qmod.broadcast_param(zero, spec, values.ndim))
         state[f"{name}.weight"] = w
-    _fit_shapes(target, state)
+    fit_shapes(target, state)
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(f"the file does not fit the model: missing {sorted(missing)[:5]}, unexpected "
@@ -186,7 +192,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     return target.eval()
 
 
-def _fit_shapes(model: nn.Module, state: dict) -> None:
+def fit_shapes(model: nn.Module, state: dict) -> None:
     """Resize Conv2d / Linear / BatchNorm layers to the shapes in ``state`` (a channel-pruned model saved
     from the same architecture): the file's shapes are the truth, the factory's the starting point."""
     for name, m in model.named_modules():
