@@ -1,9 +1,10 @@
 """Attention-head and FFN-neuron pruning of the real MiniLM-L6, recovered by distillation on real sentences.
 
-    python benchmarks/prune_minilm.py [--head-ratio 0.34] [--ffn-ratio 0.34] [--epochs 1] [--budget 10]
+    python benchmarks/prune_minilm.py [--head-ratio 0.34] [--ffn-ratio 0.34] [--epochs 3] [--budget 10]
 
 Importance: activation x weight norm on 128 calibration sentences. Distillation: the pruned encoder learns
-the original's embeddings (cosine loss) on ~3,000 other real sentences (every docstring sentence of the
+the original's embeddings (cosine loss) and, unless ``--no-features``, every layer's hidden states (mean
+squared error, ``--feature-weight`` per layer) on ~3,000 other real sentences (every docstring sentence of the
 stdlib modules in ``examples/sentences.py`` that is not in the evaluation set), AdamW, cosine schedule.
 Evaluation: mean cosine similarity to the original's embeddings over the same 256 sentences as
 ``ptq_minilm.py``; ONNX Runtime FP32 latency at sequence 128, batch 1 and 32, interleaved, 2 threads.
@@ -45,7 +46,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head-ratio", type=float, default=0.34)
     ap.add_argument("--ffn-ratio", type=float, default=0.34)
-    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--no-features", action="store_true", help="distil the embeddings only")
+    ap.add_argument("--feature-weight", type=float, default=1 / 6)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-seq", type=int, default=64)
     ap.add_argument("--budget", type=float, default=10.0)
@@ -78,9 +81,11 @@ def main(argv=None) -> None:
           f"{cos_pruned:.4f}", file=sys.stderr, flush=True)
     x = torch.stack([torch.from_numpy(train["input_ids"]), torch.from_numpy(train["attention_mask"])], 1)
     t0 = time.perf_counter()
+    layer_names = [f"m.encoder.encoder.layer.{i}.output" for i in range(len(student.encoder.encoder.layer))]
+    features = {} if args.no_features else {n: n for n in layer_names}
     sm.distill(Packed(student), Packed(teacher), sm.TrainData(x, None, batch_size=32),
-               sm.KD(output_loss="cosine", alpha=1.0), sm.TrainConfig(epochs=args.epochs, lr=args.lr),
-               progress=sys.stderr.isatty())
+               sm.KD(output_loss="cosine", alpha=1.0, features=features, feature_weight=args.feature_weight),
+               sm.TrainConfig(epochs=args.epochs, lr=args.lr), progress=sys.stderr.isatty())
     kd_s = time.perf_counter() - t0
     student.eval()
     rows, runners = [], {}
@@ -88,7 +93,8 @@ def main(argv=None) -> None:
         for name, model, extra in [("MiniLM-L6 (original)", teacher, {}),
                                    (f"pruned {layers[0]['heads'][1]}/12 heads, {layers[0]['ffn'][1]}/1536 FFN, "
                                     f"no distillation", None, {"cosine": cos_pruned}),
-                                   (f"pruned + distilled {args.epochs:g} ep on {len(train_texts)} sentences", student,
+                                   (f"pruned + distilled {args.epochs:g} ep on {len(train_texts)} sentences"
+                                    + ("" if args.no_features else " (+ hidden states)"), student,
                                     {"prune_s": prune_s, "distill_s": kd_s})]:
             if model is None:
                 rows.append(Row(name, metrics=extra))

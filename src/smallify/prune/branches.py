@@ -143,19 +143,6 @@ def removed_branches(model: nn.Module) -> list[list]:
     return [list(k) for k in meta.get("smallify_removed_branches", [])] if isinstance(meta, dict) else []
 
 
-def _batches(data, limit: int) -> list:
-    if isinstance(data, torch.Tensor):
-        return [data[i:i + 128] for i in range(0, min(len(data), limit), 128)]
-    out, n = [], 0
-    for b in data:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        out.append(x)
-        n += len(x)
-        if n >= limit:
-            break
-    return out
-
-
 @torch.no_grad()
 def choose_branches(model: nn.Module, count: int, example_inputs, data, limit: int = 512) -> tuple[list[dict], list[Branch]]:
     """The ``count`` branches whose removal, each alone, adds the least relative squared output error per MAC
@@ -164,9 +151,11 @@ def choose_branches(model: nn.Module, count: int, example_inputs, data, limit: i
     recovers worse.) Returns one record per removed branch and the branches, lowest score first."""
     if count <= 0:
         return [], []
+    from smallify.prune.channel import _batches, _inputs     # (channel.py imports this module)
+
     if data is None:
         raise DataError("removing residual branches needs data= (calibration inputs) to rank them")
-    batches = _batches(data, limit)
+    batches = [_inputs(b)[0] for b in _batches(data, limit)]
     if not batches:
         raise DataError("data= holds no samples")
     candidates = find_branches(model, example_inputs)

@@ -27,9 +27,9 @@ from smallify.progress import track
 from smallify.quant import modules as qmod
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
-from smallify.quant.onnx_graph import (_WEIGHT_OPS, constants, drop_unused_initializers, input_names,  # noqa: F401
-                                       layer_name, weight_axes, weight_input, weight_layers)
-from smallify.quant.onnx_weights import _onnx_type, quantize_embeddings, quantize_weights  # noqa: F401
+from smallify.quant.onnx_graph import (_WEIGHT_OPS, constants, drop_unused_initializers, input_names,
+                                       layer_name, weight_input)
+from smallify.quant.onnx_weights import _onnx_type, quantize_embeddings, quantize_weights
 from smallify.quant.placement import GNode, choose_scheme, place
 from smallify.quant.report import LayerReport, QuantReport
 
