@@ -8,7 +8,8 @@ channel: smallify's plan: ``--branches`` residual branches removed whole (the le
          The peers' plan (Torch-Pruning cannot remove branches): ``--peer-ratio`` / ``--peer-layer-ratio`` of the
          channels, run by Torch-Pruning (MetaPruner, L2 magnitude, the classifier kept) and by smallify.
          Then the same recovery for every pruned model: ``--epochs`` of knowledge distillation from the
-         unpruned model (AdamW, cosine). Top-1 on the 10,000 test images, MACs, parameters, ONNX Runtime latency
+         unpruned model (soft labels, T = 4, alpha = 0.9, plus each stage's output matched with weight
+         ``--feature-weight``; AdamW, cosine). Top-1 on the 10,000 test images, MACs, parameters, ONNX Runtime latency
          at batch 1 and 32 (one interleaved loop, ratios to the unpruned model).
 sparse:  90% unstructured magnitude sparsity reached with the cubic schedule during ``--sparse-epochs`` of
          fine-tuning with distillation from the dense model; top-1 and the .smallify file size.
@@ -64,7 +65,8 @@ def main(argv=None) -> None:
     ap.add_argument("--branches", type=int, default=2, help="smallify's plan: residual branches removed whole")
     ap.add_argument("--ratio", type=float, default=0.0, help="smallify's plan: fraction of each group's channels")
     ap.add_argument("--layer-ratio", action="append", default=None,
-                    help="smallify's plan: pattern=ratio, repeatable (default: layers.2.*=0.5); 'none' for none")
+                    help="smallify's plan: pattern=ratio, repeatable (default: layers.1.*.conv1=0.5 and "
+                    "layers.2.*.conv1=0.5, the blocks' inner widths); 'none' for none")
     ap.add_argument("--peer-ratio", type=float, default=0.5, help="the channel-only plan both tools run")
     ap.add_argument("--peer-layer-ratio", action="append", default=None,
                     help="the channel-only plan: pattern=ratio, repeatable (default: layers.2.*=0.75)")
@@ -72,6 +74,8 @@ def main(argv=None) -> None:
                     "x86 convolution kernels work on blocks of 16 channels)")
     ap.add_argument("--sparse-epochs", type=float, default=4.0)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--feature-weight", type=float, default=0.0, help="recovery also matches each stage's output "
+                    "to the unpruned model's (MSE, through a 1x1 projection where widths differ); 0: logits only")
     ap.add_argument("--budget", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", action="append", choices=["channel", "sparse", "kd"])
@@ -80,10 +84,10 @@ def main(argv=None) -> None:
     parts = args.only or ["channel", "sparse", "kd"]
 
     def ratios(items, default):
-        return {k: float(v) for k, v in (i.split("=") for i in (items or [default]) if i != "none")}
+        return {k: float(v) for k, v in (i.split("=") for i in (items or default) if i != "none")}
 
-    layer_ratios = ratios(args.layer_ratio, "layers.2.*=0.5")
-    peer_ratios = ratios(args.peer_layer_ratio, "layers.2.*=0.75")
+    layer_ratios = ratios(args.layer_ratio, ["layers.1.*.conv1=0.5", "layers.2.*.conv1=0.5"])
+    peer_ratios = ratios(args.peer_layer_ratio, ["layers.2.*=0.75"])
     torch.set_num_threads(args.threads)
     teacher = pretrained_fmnist_resnet()
     xtr, ytr = fashion_mnist.load("train")
@@ -101,8 +105,16 @@ def main(argv=None) -> None:
         m.eval()
         return float(sum(int((m(xte[i:i + 1000]).argmax(1) == yte[i:i + 1000]).sum()) for i in range(0, 10000, 1000))) / 10000
 
+    def stage_outputs(m) -> list[str]:
+        """The ReLU that ends each stage (the last block left in it; it runs last in its block)."""
+        names = dict(m.named_modules())
+        return [max((n for n in names if n.startswith(f"layers.{i}.") and n.endswith(".relu")),
+                    key=lambda n: int(n.split(".")[2])) for i in range(3)]
+
     def recover(m):
-        return sm.distill(m, teacher, data, sm.KD(temperature=4.0, alpha=0.9),
+        features = dict(zip(stage_outputs(m), stage_outputs(teacher))) if args.feature_weight > 0 else {}
+        return sm.distill(m, teacher, data, sm.KD(temperature=4.0, alpha=0.9, features=features,
+                                                  feature_weight=args.feature_weight),
                           sm.TrainConfig(epochs=args.epochs, lr=args.lr), progress=progress)
 
     if "channel" in parts:
@@ -119,9 +131,10 @@ def main(argv=None) -> None:
         add("unpruned", teacher)
 
         def widths(m) -> str:
-            text = "/".join(str(m.get_submodule(f"layers.{i}.0.conv1").out_channels) for i in range(3))
+            outer = "/".join(str(m.get_submodule(f"layers.{i}.0.conv2").out_channels) for i in range(3))
+            inner = "/".join(str(m.get_submodule(f"layers.{i}.0.conv1").out_channels) for i in range(3))
             gone = len(getattr(getattr(m, "prune_report", None), "branches", []))
-            return text + (f" - {gone} blocks" if gone else "")
+            return outer + (f" (inner {inner})" if inner != outer else "") + (f" - {gone} blocks" if gone else "")
 
         def ours(config, label):
             t0 = time.perf_counter()
