@@ -112,6 +112,8 @@ def main(argv=None) -> None:
                     key=lambda n: int(n.split(".")[2])) for i in range(3)]
 
     def recover(m):
+        if args.epochs == 0:          # --epochs 0: the pruned architectures as they are (latency, sizes)
+            return m
         features = dict(zip(stage_outputs(m), stage_outputs(teacher))) if args.feature_weight > 0 else {}
         return sm.distill(m, teacher, data, sm.KD(temperature=4.0, alpha=0.9, features=features,
                                                   feature_weight=args.feature_weight),
