@@ -307,9 +307,9 @@ def distill(
         save(s_model, out)
     except SmallifyError as e:
         _fail(str(e))
-    rank_world = rank_and_world()[1]
-    if rank_world > 1:
-        typer.echo(f"data-parallel: {rank_world} processes")
+    processes = rank_and_world()[1]
+    if processes > 1:
+        typer.echo(f"data-parallel: {processes} processes")
     for h in s_model.train_history:
         typer.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}")
     typer.echo(f"wrote {out}")

@@ -80,8 +80,7 @@ def bench_interleaved(runners: dict[str, Callable], feeds: dict[str, dict], warm
     calls, then timed calls for ``block_s``). Blocks rather than single calls, because runtimes' worker threads
     spin for a while after a call and would steal the cores from whichever runner comes next. Stops after
     ``budget_s`` once every runner has ``min_runs`` timed calls, or at ``max_runs`` calls each. (``max_runs``
-    used to be 400: a 0.2 ms model then got one block in all, and the same graph in two sessions differed by
-    up to 13 % at batch 1; with the rounds the budget allows, by 1 %.)"""
+    used to be 400: a 0.2 ms model then got one block in all, and per-session bias decided its batch-1 ratio.)"""
     times: dict[str, list[float]] = {name: [] for name in runners}
     start = time.perf_counter()
     while True:

@@ -88,8 +88,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     config = getattr(model, "quant_config", None)
     manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict() if config is not None else None,
                 "layers": layers, "sparse": sparse}
-    if removed_branches(model):
-        manifest["removed_branches"] = removed_branches(model)
+    removed = removed_branches(model)
+    if removed:
+        manifest["removed_branches"] = removed
     return onnx_io.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest)}))
 
 

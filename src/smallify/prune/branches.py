@@ -25,6 +25,9 @@ from torch import fx, nn
 
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_macs
+from smallify.prune.graph import trace
+
+ADVICE = "make the forward traceable to find its residual branches"
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -40,14 +43,6 @@ class Branch:
 
     def key(self) -> list:
         return [self.add, self.drop]
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
-    except Exception as e:
-        raise ModelError(f"cannot trace {type(model).__name__} with torch.fx to find residual branches "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -82,7 +77,7 @@ def find_branches(model: nn.Module, example_inputs) -> list[Branch]:
     """The removable residual branches of ``model`` (see the module's docstring)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = _trace(copy.deepcopy(model).eval())
+    gm = trace(copy.deepcopy(model).eval(), ADVICE)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
@@ -113,7 +108,7 @@ def find_branches(model: nn.Module, example_inputs) -> list[Branch]:
 def remove_branches(model: nn.Module, branches: list) -> fx.GraphModule:
     """A GraphModule of ``model`` without the given branches (``Branch`` or ``[add, drop]`` pairs, as the
     manifest of a saved model records them)."""
-    gm = _trace(copy.deepcopy(model))
+    gm = trace(copy.deepcopy(model), ADVICE)
     modules = dict(gm.named_modules())
     nodes = {n.name: n for n in gm.graph.nodes}
     keys = [b.key() if isinstance(b, Branch) else list(b) for b in branches]

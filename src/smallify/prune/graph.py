@@ -153,15 +153,23 @@ def _channel_axis(shape) -> int | None:
     return 1 if len(shape) == 4 else len(shape) - 1
 
 
+def trace(model: nn.Module, advice: str) -> fx.GraphModule:
+    """``model`` as a torch.fx GraphModule (itself if it is one); a ModelError naming the failing operation
+    and ``advice`` otherwise."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:
+        raise ModelError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); {advice}") from None
+
+
 def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> DependencyGraph:
     """Trace ``model`` and group the layer dimensions that must be pruned together."""
     model = model.eval()
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:
-        raise ModelError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); make the forward traceable, or prune "
-                         "the traceable part and pass the rest's layer names in ignore=") from None
+    gm = trace(model, "make the forward traceable, or prune the traceable part and pass the rest's layer names "
+                      "in ignore=")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
