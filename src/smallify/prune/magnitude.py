@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import math
 
 import torch
 from torch import nn
@@ -133,22 +134,57 @@ def cubic_sparsity(step: int, total: int, final: float, ramp: float = 0.75) -> f
     return final * (1 - (1 - t) ** 3)
 
 
+MIN_UPDATES = 4          # mask updates over the ramp below which a "gradual" schedule is one-shot pruning
+
+
+def schedule_interval(total: int, update_every: int | None = None, ramp: float = 0.75) -> int:
+    """Steps between mask updates for a run of ``total`` steps: about 16 updates over the ramp (the first
+    ``ramp`` of the run; the rest trains at the final sparsity to recover) unless ``update_every`` is given.
+    Refuses a schedule that would update the masks fewer than ``MIN_UPDATES`` times during the ramp: that is
+    one-shot pruning with little or no recovery, whatever the name says."""
+    ramp_steps = int(total * ramp)
+    if ramp_steps < MIN_UPDATES:
+        raise ConfigError(f"a gradual sparsity schedule needs at least {math.ceil(MIN_UPDATES / ramp)} training "
+                          f"steps; this run has {total}: train longer, use a smaller batch_size, or prune "
+                          "one-shot with smallify.sparsify and then fine-tune")
+    if update_every is None:
+        return max(1, ramp_steps // 16)
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ConfigError(f"update_every={update_every!r} is not supported; accepted: an integer >= 1, or None "
+                          "(derived from the run's length)")
+    if ramp_steps // update_every < MIN_UPDATES:
+        raise ConfigError(f"update_every={update_every} updates the masks {ramp_steps // update_every} time(s) "
+                          f"during the {ramp_steps}-step ramp of this {total}-step run (one-shot pruning, no "
+                          f"recovery); accepted: at most {ramp_steps // MIN_UPDATES}, or None (derived from "
+                          "the run's length)")
+    return update_every
+
+
 def prune_gradually(model: nn.Module, config: Unstructured, data, train_config=None, loss_fn=None, eval_fn=None,
-                    checkpoint=None, progress: bool = True, update_every: int = 50) -> nn.Module:
-    """Fine-tune ``model`` while its sparsity ramps from 0 to ``config.sparsity``; returns the model with its
-    masks folded in (``finalize``) and ``train_history`` set."""
+                    checkpoint=None, progress: bool = True, update_every: int | None = None) -> nn.Module:
+    """Fine-tune ``model`` while its sparsity ramps from 0 to ``config.sparsity`` over the first 3/4 of the
+    run (cubic schedule), the masks recomputed every ``update_every`` steps (default: derived from the run's
+    length, about 16 updates; see ``schedule_interval``), then held while the model recovers. Returns the
+    model with its masks folded in (``finalize``), ``train_history`` and ``sparsity_schedule`` set."""
     from smallify.train import train
 
     model = sparsify(model, dataclasses.replace(config, sparsity=0.0) if config.nm is None else config)
     model.sparsity_config = config
+    schedule: dict = {}
 
     def on_step(step: int, total: int) -> None:
-        if config.nm is None and (step % update_every == 0 or step == total):
+        if config.nm is not None:
+            return
+        if not schedule:
+            every = schedule_interval(total, update_every)
+            schedule.update(total_steps=total, update_every=every, ramp_steps=int(total * 0.75))
+        if step % schedule["update_every"] == 0 or step == total:
             set_masks(model, config, cubic_sparsity(step, total, config.sparsity))
 
     result = train(model, data, train_config, loss_fn, eval_fn, checkpoint, progress, on_step=on_step)
     finalize(model)
     model.train_history = result.history
+    model.sparsity_schedule = schedule
     return model
 
 
