@@ -70,23 +70,55 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
         convert = {Int8Dynamic: dynamic_module, WeightOnly: weight_only_module, Float16: half_module}[type(config)]
         return convert(model, config)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        from smallify import onnx_io
+
+        if out is not None:
+            onnx_io.check_writable(out)
+            if isinstance(model, (str, os.PathLike)) and os.path.realpath(out) == os.path.realpath(model):
+                raise ConfigError(f"the output {out} is the input model: give another --out (smallify never "
+                                  "overwrites the model it reads)")
         plan = None
         if isinstance(config, MixedPrecision):
             from smallify.quant.mixed import mixed_onnx
 
-            proto, report, plan = mixed_onnx(model, config, data, eval_fn, out, progress)
+            proto, report, plan = mixed_onnx(model, config, data, eval_fn, None, progress)
         elif static:
             from smallify.quant.onnx import quantize_onnx
 
-            proto, report = quantize_onnx(model, config, data, out, progress)
+            proto, report = quantize_onnx(model, config, data, None, progress)
         elif isinstance(config, Int8Dynamic):
             from smallify.quant.dynamic import dynamic_onnx
 
-            proto, report = dynamic_onnx(model, config, out)
+            proto, report = dynamic_onnx(model, config, None)
         else:
             from smallify.quant.weight_only import convert_onnx
 
-            proto, report = convert_onnx(model, config, out)
+            proto, report = convert_onnx(model, config, None)
+        if not report.quantized:
+            raise ModelError(nothing_quantized(config, report))
+        if out is not None:
+            from smallify.quant.onnx import save_onnx
+
+            save_onnx(proto, out)
         return QuantizedONNX(proto, None if out is None else str(out), report, plan)
     raise ModelError(f"cannot quantize a {type(model).__name__}; accepted: torch.nn.Module, path to .onnx, "
                      "onnx.ModelProto")
+
+
+_HINTS = {Int8Dynamic: "dynamic INT8 handles MatMul and Gemm layers; for convolutions use --method int8",
+          WeightOnly: "weight-only handles Conv, Gemm and MatMul layers with constant weights"}
+
+
+def nothing_quantized(config, report: QuantReport) -> str:
+    """The one-line reason when a method found no layer it could quantize."""
+    floats = report.floating
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in floats.items():
+        by_reason.setdefault(reason, []).append(name)
+    shown = "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: {reason}"
+                      for reason, names in list(by_reason.items())[:3])
+    more = f"; and {len(by_reason) - 3} more reason(s)" if len(by_reason) > 3 else ""
+    hint = _HINTS.get(type(config), "quantizable layers: Conv, Gemm and MatMul with constant weights")
+    return (f"{type(config).__name__} found no layer it can quantize in this model"
+            + (f" ({shown}{more})" if floats else " (no Conv, Gemm or MatMul layer with a constant weight)")
+            + f"; {hint}; nothing was written")

@@ -81,10 +81,13 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
     (values, scale, zero) from PyTorch twins. Returns the layer names rewritten."""
     from smallify.quant.onnx_graph import constants, drop_unused_initializers, layer_name, weight_axes, weight_input
 
+    from smallify.quant.onnx_weights import unique_prefix
+
     g = model.graph
     consts = constants(model)
     inits = {i.name for i in g.initializer}
     nodes, done = [], []
+    made: dict[tuple, str] = {}     # a weight read by several layers: one quantized copy
     for node in g.node:
         w_idx = weight_input(node, consts)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -108,16 +111,20 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
         n_out = wt.shape[0]
         scale = scale.detach().float().reshape(-1)
         scale = scale.expand(n_out) if scale.numel() == 1 else scale
-        g.initializer.extend([
-            numpy_helper.from_array(values.T.numpy().astype(np.int8), f"{wname}:q"),            # [K, N]
-            numpy_helper.from_array(np.zeros(n_out, np.int8), f"{wname}:zp"),
-            numpy_helper.from_array(scale.numpy().astype(np.float32), f"{wname}:s")])
+        key = (wname, transposed, repr(spec))
+        if key not in made:
+            made[key] = p = unique_prefix(model, wname)
+            g.initializer.extend([
+                numpy_helper.from_array(values.T.numpy().astype(np.int8), f"{p}:q"),            # [K, N]
+                numpy_helper.from_array(np.zeros(n_out, np.int8), f"{p}:zp"),
+                numpy_helper.from_array(scale.numpy().astype(np.float32), f"{p}:s")])
+        p = made[key]
         x = node.input[0]
         nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"{out}:xq", f"{out}:xs", f"{out}:xz"]),
-                  helper.make_node("MatMulInteger", [f"{out}:xq", f"{wname}:q", f"{out}:xz", f"{wname}:zp"],
+                  helper.make_node("MatMulInteger", [f"{out}:xq", f"{p}:q", f"{out}:xz", f"{p}:zp"],
                                    [f"{out}:i32"]),
                   helper.make_node("Cast", [f"{out}:i32"], [f"{out}:f"], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [f"{out}:xs", f"{wname}:s"], [f"{out}:s"])]
+                  helper.make_node("Mul", [f"{out}:xs", f"{p}:s"], [f"{out}:s"])]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         nodes.append(helper.make_node("Mul", [f"{out}:f", f"{out}:s"], [f"{out}:nb" if has_bias else out]))
         if has_bias:
@@ -132,7 +139,7 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
 def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | None = None):
     """Dynamic INT8 for an ONNX model (no data); embedding tables become int8 as in the static path."""
     from smallify.quant.onnx import compact, preprocess
-    from smallify.quant.onnx_graph import weight_layers
+    from smallify.quant.onnx_graph import check_finite_weights, weight_layers
     from smallify.quant.onnx_weights import quantize_embeddings
 
     if out is not None:
@@ -140,6 +147,7 @@ def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | No
     start = time.perf_counter()
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else copy.deepcopy(model_or_path)
     model = preprocess(model)
+    check_finite_weights(model, lambda n, w: config.skip_pattern(n, w) is None)
     names = [(name, node.op_type, node.input[w]) for node, w, name, _ in weight_layers(model)]
     spec = qmod.WeightSpec(INT8_WEIGHT, config.per_channel)
     done = set(quantize_dynamic_matmuls(model, lambda name, wname: None if config.skip_pattern(name, wname) else spec))

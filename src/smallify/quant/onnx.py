@@ -39,22 +39,103 @@ _KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu
 _FLOAT_LAYERS = {"ConvTranspose", "LSTM", "GRU", "RNN", "ConvInteger", "MatMulInteger", "Einsum"}
 
 
-def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's basic graph optimizations (BatchNorm folding, constant folding), then shape inference."""
+def weights_not_inputs(model: onnx.ModelProto) -> int:
+    """Models written before IR version 4 (the model-zoo classics) list every initializer as a graph input too.
+    Those are weights, not inputs to calibrate or feed, and a runtime treats an initializer that is also an
+    input as overridable (it will not fold it): drop them from the inputs, with an IR version that allows
+    that. Returns how many were dropped."""
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    dropped = len(model.graph.input) - len(keep)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    model.ir_version = max(model.ir_version, 4)
+    return dropped
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model at default-domain opset ``version`` or above, converted operator by operator with onnx's
+    version converter (never by rewriting the number), with the IR version that opset needs."""
+    current = opset_of(model)
+    if current >= version:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot convert the model from opset {current} to opset {version}, which the quantized "
+                         f"graph needs ({first[:200]}); re-export it at opset {version} or newer") from None
+    converted.ir_version = max(converted.ir_version, helper.find_min_ir_version_for(
+        [helper.make_opsetid("", version)], True) if hasattr(helper, "find_min_ir_version_for") else 7)
+    return converted
+
+
+def needed_opset(config) -> int:
+    """The default-domain opset a config's output graph needs: 13 (per-channel Q/DQ), 19 (FP8 types) or 21
+    (int4 and blocked DequantizeLinear)."""
+    from smallify.quant.config import FP8Static
+
+    if isinstance(config, FP8Static):
+        return 19
+    bits = [getattr(config, "weight_bits", 8), getattr(config, "bits", 8)]
+    bits += [b for b in getattr(config, "candidates", ())]
+    bits += [b for b in getattr(config, "layer_bits", {}).values() if isinstance(b, int)]
+    return 21 if min(bits) < 8 or getattr(config, "group_size", None) else 13
+
+
+def preprocess(model: onnx.ModelProto, opset: int = 13) -> onnx.ModelProto:
+    """Bring a float model as users have it into the form every pass expects: initializers are weights (not
+    graph inputs), the opset is at least ``opset`` (converted), constant subgraphs are folded and BatchNorm
+    is folded (ONNX Runtime's basic graph optimizations), shapes are inferred."""
     import onnxruntime as ort
 
+    model = copy_model(model)
+    weights_not_inputs(model)
+    model = upgrade_opset(model, opset)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "opt.onnx")
-        onnx.save(model, src)
+        large = model.ByteSize() > LARGE_MODEL_BYTES
+        onnx.save(model, src, save_as_external_data=large, location="in.onnx.data")
         so = ort.SessionOptions()
+        so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = dst
+        if large:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
         out = onnx.load(dst)
-    return onnx.shape_inference.infer_shapes(out)
+    if not large:
+        out = onnx.shape_inference.infer_shapes(out)
+    return out
+
+
+LARGE_MODEL_BYTES = 1 << 30   # above this, models travel through files with external data (protobuf's 2 GB cap)
+
+
+def save_onnx(model: onnx.ModelProto, path) -> None:
+    """Write ``model`` atomically; a model over 1 GB keeps its weights in an external-data file beside it
+    (``<name>.data``), since one protobuf cannot exceed 2 GB."""
+    if model.ByteSize() <= LARGE_MODEL_BYTES:
+        onnx_io.save(model, path)
+        return
+    location = os.path.basename(path) + ".data"
+    onnx_io.write_atomic(path, lambda tmp: onnx.save(model, tmp, save_as_external_data=True,
+                                                     all_tensors_to_one_file=True, location=location))
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode], set[str], list[LayerReport]]:
@@ -306,10 +387,10 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     if out is not None:
         onnx_io.check_writable(out)
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    model = preprocess(model)
+    model = preprocess(model, needed_opset(config))
     reduce_mean_to_global_average_pool(model)
     if isinstance(data, (str, os.PathLike)):
-        data = data_mod.load_npz(data)
+        data = data_mod.load_npz(data, config.max_calibration_samples)
     if isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
         data = check_calibration_inputs(model, dict(data))
     gnodes, outputs, reports = graph_view(model, config)
@@ -340,7 +421,7 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     insert_qdq(model, qparams, fmt, placement.only_for)
     fold_relu_into_quantize(model)
     chosen = {r.name for r in reports if r.status == "quantized"}
-    quantize_weights(model, lambda name, wname, _: config.weight_spec(name, wname) if name in chosen else None)
+    quantize_weights(model, lambda name, wname, ch: config.weight_spec(name, wname, in_channels=ch) if name in chosen else None)
     for table in quantize_embeddings(model):
         reports.append(LayerReport(table, "Gather", "quantized", "embedding table: weight-only int8 per row"))
     model.producer_name = "smallify"

@@ -37,12 +37,29 @@ def storage_tensor(name: str, values: torch.Tensor, fmt) -> onnx.TensorProto:
     return helper.make_tensor(name, dtype, list(values.shape), raw, raw=True)
 
 
+def needs_opset_21(spec) -> bool:
+    """int4 storage and blocked (per-group) DequantizeLinear exist from opset 21 on."""
+    return spec is not None and (bool(spec.group_size) or (isinstance(spec.fmt, IntFormat) and spec.fmt.bits < 8))
+
+
 def require_opset(model: onnx.ModelProto, version: int) -> None:
-    """Raise the default-domain opset to at least ``version`` (int4 and blocked DequantizeLinear need 21)."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx") and imp.version < version:
-            imp.version = version
-    model.ir_version = max(model.ir_version, 10)
+    """Convert ``model`` in place to default-domain opset ``version`` when it is older (onnx's version
+    converter, operator by operator)."""
+    from smallify.quant.onnx import opset_of, upgrade_opset
+
+    if opset_of(model) < version:
+        model.CopyFrom(upgrade_opset(model, version))
+
+
+def unique_prefix(model: onnx.ModelProto, base: str) -> str:
+    """``base``, or ``base~2``, ``base~3``... whichever no tensor of the graph uses yet as ``prefix:...``."""
+    taken = {i.name.rsplit(":", 1)[0] for i in model.graph.initializer if ":" in i.name}
+    taken |= {o.rsplit(":", 1)[0] for n in model.graph.node for o in n.output if ":" in o}
+    prefix, k = base, 1
+    while prefix in taken:
+        k += 1
+        prefix = f"{base}~{k}"
+    return prefix
 
 
 def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int, spec: qmod.WeightSpec,
@@ -51,6 +68,7 @@ def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int,
     new nodes and the weight scale in PyTorch layout."""
     g = model.graph
     wname = node.input[w_idx]
+    prefix = unique_prefix(model, wname)
     w = torch.from_numpy(numpy_helper.to_array(next(i for i in g.initializer if i.name == wname)).astype(np.float32))
     out_axis, transposed = weight_axes(node)
     wt = w.T if transposed else w
@@ -68,22 +86,19 @@ def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int,
     attrs = {}
     if spec.group_size:
         attrs = {"axis": 0 if transposed else 1, "block_size": spec.group_size}
-        require_opset(model, 21)
     elif scale.ndim == 1:
         attrs = {"axis": out_axis}
     fmt = spec.fmt
-    inputs = [f"{wname}:q", f"{wname}:s"]
+    inputs = [f"{prefix}:q", f"{prefix}:s"]
     g.initializer.append(storage_tensor(inputs[0], values, fmt))
     g.initializer.append(numpy_helper.from_array(onnx_scale.numpy().astype(np.float32), inputs[1]))
     if isinstance(fmt, IntFormat):
-        if fmt.bits < 8:
-            require_opset(model, 21)
         if fmt.bits == 8 or not fmt.symmetric:   # int8: explicit zeros (what ORT's QDQ fusions expect)
             zp = onnx_zero.expand_as(onnx_scale) if onnx_zero.ndim < onnx_scale.ndim else onnx_zero
-            g.initializer.append(storage_tensor(f"{wname}:zp", zp.to(torch.int32), fmt))
-            inputs.append(f"{wname}:zp")
-    node.input[w_idx] = f"{wname}:dq"
-    return [helper.make_node("DequantizeLinear", inputs, [f"{wname}:dq"], **attrs)], scale
+            g.initializer.append(storage_tensor(f"{prefix}:zp", zp.to(torch.int32), fmt))
+            inputs.append(f"{prefix}:zp")
+    node.input[w_idx] = f"{prefix}:dq"
+    return [helper.make_node("DequantizeLinear", inputs, [f"{prefix}:dq"], **attrs)], scale
 
 
 def _int32_bias(model: onnx.ModelProto, node: onnx.NodeProto, x_scale: float, w_scale: torch.Tensor,
@@ -99,10 +114,11 @@ def _int32_bias(model: onnx.ModelProto, node: onnx.NodeProto, x_scale: float, w_
     if b.ndim != 1 or (per_channel and b.shape[0] != w_scale.numel()):
         return []
     qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
-    model.graph.initializer.append(numpy_helper.from_array(qb, f"{bname}:q"))
-    model.graph.initializer.append(numpy_helper.from_array(np.asarray(b_scale, np.float32), f"{bname}:s"))
-    node.input[2] = f"{bname}:dq"
-    return [helper.make_node("DequantizeLinear", [f"{bname}:q", f"{bname}:s"], [f"{bname}:dq"],  # zero point 0
+    p = unique_prefix(model, bname)      # a bias shared by layers whose input scales differ: one copy each
+    model.graph.initializer.append(numpy_helper.from_array(qb, f"{p}:q"))
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(b_scale, np.float32), f"{p}:s"))
+    node.input[2] = f"{p}:dq"
+    return [helper.make_node("DequantizeLinear", [f"{p}:q", f"{p}:s"], [f"{p}:dq"],  # zero point 0
                              **({"axis": 0} if per_channel else {}))]
 
 
@@ -118,12 +134,25 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
     ``static``: only layers whose activation input comes from a DequantizeLinear (W8A8); their biases become
     int32 when the weights are INT8 per channel or per tensor. Returns the names of the layers quantized.
     """
+    def specs():
+        consts = constants(model)
+        inits = {i.name for i in model.graph.initializer}
+        for node in model.graph.node:
+            w_idx = weight_input(node, consts)
+            if w_idx is not None and node.input[w_idx] in inits:
+                w = consts[node.input[w_idx]]
+                in_channels = w.shape[0] if weight_axes(node)[1] else w.shape[1]
+                yield spec_for(layer_name(node, consts), node.input[w_idx], in_channels)
+
+    if any(needs_opset_21(spec) for spec in specs()):
+        require_opset(model, 21)           # before any edit: the converter sees the float graph's operators
     g = model.graph
     consts = constants(model)
     producer = {o: n for n in g.node for o in n.output}
     inits = {i.name for i in g.initializer}
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     done = []
+    made: dict[tuple, tuple[str, torch.Tensor]] = {}   # a weight read by several layers: one quantized copy
     for idx, node in enumerate(g.node):
         w_idx = weight_input(node, consts)
         if w_idx is None or node.input[w_idx] not in inits:
@@ -138,7 +167,12 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
         static_input = dq is not None and dq.op_type == "DequantizeLinear" and dq.input[1] in consts
         if static and not static_input:
             continue
-        nodes, w_scale = _dequantize_weight(model, node, w_idx, spec, (stored or {}).get(wname))
+        key = (wname, repr(spec), weight_axes(node))
+        if key in made:
+            nodes, (node.input[w_idx], w_scale) = [], made[key]
+        else:
+            nodes, w_scale = _dequantize_weight(model, node, w_idx, spec, (stored or {}).get(wname))
+            made[key] = (node.input[w_idx], w_scale)
         if static_input and isinstance(spec.fmt, IntFormat) and spec.fmt.bits == 8 and not spec.group_size \
                 and consts[dq.input[1]].ndim == 0:
             nodes += _int32_bias(model, node, float(consts[dq.input[1]]), w_scale, consts)

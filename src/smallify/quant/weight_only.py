@@ -20,8 +20,8 @@ from torch import nn
 from smallify import onnx_io
 from smallify.quant import modules as qmod
 from smallify.quant.config import Float16, WeightOnly
-from smallify.quant.onnx import compact, preprocess
-from smallify.quant.onnx_graph import drop_unused_initializers, weight_layers
+from smallify.quant.onnx import compact, needed_opset, preprocess
+from smallify.quant.onnx_graph import check_finite_weights, drop_unused_initializers, weight_layers
 from smallify.quant.onnx_weights import quantize_weights
 from smallify.quant.report import LayerReport, QuantReport
 
@@ -45,8 +45,9 @@ class HalfPrecision(nn.Module):
 
 def _weight_layers(model: nn.Module):
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
-            yield name, m
+        twin = qmod.lookup(m)
+        if twin is not None:
+            yield name, m, twin
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -68,14 +69,14 @@ def weight_only_module(model: nn.Module, config: WeightOnly) -> nn.Module:
     """A copy of ``model`` with its Conv2d/Linear weights on ``config``'s grid; ``quant_report`` lists each."""
     model = fold_batchnorm(model)
     reports, start = [], time.perf_counter()
-    for name, m in list(_weight_layers(model)):
-        spec = config.weight_spec(m.weight.shape[1], name)
+    for name, m, twin in list(_weight_layers(model)):
+        spec = config.weight_spec(twin.float_weight(m).shape[1], name)
         if spec.fmt is None:
             pattern = config.skip_pattern(name)
             reports.append(LayerReport(name, type(m).__name__, "float",
                                        f"skipped by pattern {pattern!r}" if pattern else "layer_bits: float"))
             continue
-        qmod.replace_module(model, name, qmod.lookup(m)[1].from_float(m, spec))
+        qmod.replace_module(model, name, twin.from_float(m, spec))
         reports.append(LayerReport(name, type(m).__name__, "quantized", spec.describe()))
     model.quant_config = config
     model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "weight-only")
@@ -86,7 +87,7 @@ def half_module(model: nn.Module, config: Float16) -> nn.Module:
     """A copy of ``model`` whose selected Conv2d/Linear layers compute in ``config.dtype``."""
     model = fold_batchnorm(model)
     reports = []
-    for name, m in list(_weight_layers(model)):
+    for name, m, _ in list(_weight_layers(model)):
         if config.selects(name):
             qmod.replace_module(model, name, HalfPrecision(m, config.dtype))
             reports.append(LayerReport(name, type(m).__name__, "quantized", config.dtype))
@@ -155,7 +156,9 @@ def convert_onnx(model_or_path, config, out: str | os.PathLike | None = None):
     if out is not None:
         onnx_io.check_writable(out)
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else copy.deepcopy(model_or_path)
-    model = preprocess(model)
+    model = preprocess(model, needed_opset(config))
+    check_finite_weights(model, (lambda n, w: config.selects(n, w)) if isinstance(config, Float16)
+                         else (lambda n, w: config.skip_pattern(n, w) is None))
     model, report = (weight_only_onnx if isinstance(config, WeightOnly) else half_onnx)(model, config)
     model.producer_name = "smallify"
     compact(model)
