@@ -18,7 +18,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-METHODS = ("int8", "fp8", "weight-only", "fp16", "bf16", "mixed")
+METHODS = ("int8", "dynamic", "fp8", "weight-only", "fp16", "bf16", "mixed")
 
 
 def load_callable(spec: str, what: str):
@@ -64,7 +64,7 @@ def quantize(
     out: Path = typer.Option(..., "--out", help="where to write the quantized ONNX model"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz with one array per model input (samples on "
                                          "axis 0); needed by int8, fp8 and mixed"),
-    method: str = typer.Option("int8", "--method", help="int8 (static W8A8, default) | fp8 | weight-only | fp16 | "
+    method: str = typer.Option("int8", "--method", help="int8 (static W8A8, default) | dynamic (int8 weights, activations quantized at run time) | fp8 | weight-only | fp16 | "
                                "bf16 | mixed (per-layer bits chosen to meet --max-drop)"),
     bits: Optional[int] = typer.Option(None, "--bits", help="weight bits, 2..8 (int8: 8; weight-only: 4)"),
     group_size: Optional[str] = typer.Option(None, "--group-size", help="weights per scale group: an integer, auto, or "
@@ -107,22 +107,33 @@ def quantize(
         if method in ("int8", "mixed", "fp8") and group == "auto":
             raise ConfigError("--group-size auto applies to --method weight-only; give an integer or none")
         if method == "int8":
-            config = qc.Int8Static(**static, weight_bits=bits or 8, group_size=group)
+            config = qc.Int8Static(**static, weight_bits=8 if bits is None else bits, group_size=group)
         elif method == "mixed":
             config = MixedPrecision(**static, group_size=group, max_drop=max_drop, size_budget=size_budget,
-                                    candidates=(8, bits or 4))
+                                    candidates=(8, 4 if bits is None else bits))
         elif method == "fp8":
             if bits not in (None, 8):
                 raise ConfigError(f"--bits {bits} does not apply to fp8 (8 bits); accepted: omit --bits")
             config = qc.FP8Static(**{**static, "smooth_quant": None if smooth_quant == "auto" else static["smooth_quant"]},
                                   format=fp8_format)
+        elif method == "dynamic":
+            if bits not in (None, 8):
+                raise ConfigError(f"--bits {bits} does not apply to dynamic (int8 weights); accepted: omit --bits")
+            from smallify.quant.dynamic import Int8Dynamic
+
+            config = Int8Dynamic(per_channel=not per_tensor, skip=tuple(skip))
         elif method == "weight-only":
-            config = qc.WeightOnly(bits=bits or 4, group_size=group, skip=tuple(skip))
+            config = qc.WeightOnly(bits=4 if bits is None else bits, group_size=group, skip=tuple(skip))
         else:
             config = qc.Float16(dtype=method, skip=tuple(skip))
         needs_data = method in ("int8", "mixed", "fp8")
         if needs_data and calib is None:
             raise ConfigError(f"--method {method} calibrates activations: give --calib data.npz")
+        from smallify.onnx_io import check_writable
+
+        check_writable(out, (input, calib))     # before any work: never the input, and really writable
+        if needs_data:
+            _note_half_calibration(calib)
         fn = load_callable(eval_fn, "--eval") if eval_fn else None
         if method == "mixed" and max_drop is not None and fn is None:
             raise ConfigError("--max-drop needs --eval package.module:function (the metric it bounds)")
@@ -134,6 +145,16 @@ def quantize(
 
     typer.echo(str(result.plan) if result.plan is not None else str(result.report))
     typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
+
+
+def _note_half_calibration(calib: Path) -> None:
+    """Half-precision calibration data is accepted (widened to the model's float type): say so on stderr."""
+    from smallify.data import npz_headers
+
+    for key, (_, dtype) in npz_headers(calib).items():
+        if dtype.kind == "f" and dtype.itemsize < 4:
+            typer.echo(f"smallify: note: calibration array {key!r} is {dtype}; accepted and widened to "
+                       "float32 to calibrate (ranges keep float16's precision)", err=True)
 
 
 def _model_from(spec: str, weights: Optional[Path], what: str):
@@ -221,9 +242,9 @@ def prune(
     try:
         from smallify.onnx_io import check_writable
 
-        check_writable(out)
+        check_writable(out, (weights, calib))
         if onnx_out is not None:
-            check_writable(onnx_out)
+            check_writable(onnx_out, (weights, calib, out))
         config = ChannelPrune(ratio=ratio, importance=importance, scope=scope, ignore=tuple(ignore),
                               round_to=round_to, reconstruct=reconstruct, branches=branches)
         net = _model_from(model, weights, "model")
@@ -282,7 +303,7 @@ def distill(
     try:
         from smallify.onnx_io import check_writable
 
-        check_writable(out)
+        check_writable(out, (student_weights, teacher_weights, data, checkpoint))
         config, train_config = KD(temperature=temperature, alpha=alpha), TrainConfig(epochs=epochs, lr=lr)
         t_model = _model_from(teacher, teacher_weights, "teacher")
         s_model = _model_from(student, student_weights, "student")

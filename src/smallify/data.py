@@ -9,7 +9,10 @@ Accepted forms of ``data`` (for a model with inputs ``names``):
 """
 from __future__ import annotations
 
+import math
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -94,20 +97,148 @@ def _normalize(batch, names: list[str], i: int) -> dict[str, torch.Tensor]:
     return {names[0]: _as_tensor(batch, where)}
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a calibration .npz (one array per model input, samples on the first axis), without pickles."""
+MAX_NPZ_BYTES = 2 << 30    # what load_npz reads into memory at most (pass max_samples to read less)
+_CHUNK = 1 << 22           # bytes decompressed per read: memory stays bounded whatever the file declares
+
+
+def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The shape and dtype of every array in a calibration .npz, from the headers only (nothing is read)."""
+    with _open_npz(Path(path)) as (zf, members):
+        return {key: _header(zf, info, Path(path))[:2] for key, info in members.items()}
+
+
+def load_npz(path: str | os.PathLike, max_samples: int | None = None,
+             max_bytes: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
+    """Read a calibration .npz (one array per model input, samples on the first axis), without pickles.
+
+    The arrays are streamed from the archive: only the first ``max_samples`` samples of each are
+    decompressed (the rest of the file is never read), and at most ``max_bytes`` are held in memory, so a
+    header that declares a huge shape or a deflate stream that expands to gigabytes is refused or cut,
+    never loaded whole. Every header is checked against the archive's own sizes before anything is read.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"calibration file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path} is not a readable .npz file of plain arrays ({e})") from None
-    if not arrays:
-        raise DataError(f"calibration file {path} holds no arrays")
-    for k, a in arrays.items():
-        if a.ndim == 0 or a.shape[0] == 0:
-            raise DataError(f"calibration array {k!r} in {path} is empty (shape {a.shape}); "
-                            "the first axis must count the samples")
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"max_samples={max_samples!r} must be >= 1 or None")
+    arrays, total = {}, 0
+    with _open_npz(path) as (zf, members):
+        plans = {}
+        for key, info in members.items():
+            shape, dtype, fortran, offset = _header(zf, info, path)
+            rows = shape[0] if max_samples is None else min(shape[0], max_samples)
+            row_bytes = dtype.itemsize * math.prod(shape[1:])
+            need = dtype.itemsize * math.prod(shape) if fortran else rows * row_bytes
+            total += need
+            if total > max_bytes:
+                raise DataError(f"calibration array {key!r} in {path} has shape {shape} ({_gib(need)}); smallify "
+                                f"reads at most {_gib(max_bytes)} of calibration data: pass --max-samples N "
+                                "(max_samples=N) to read the first N samples")
+            plans[key] = (info, shape, dtype, fortran, offset, rows, need)
+        for key, (info, shape, dtype, fortran, offset, rows, need) in plans.items():
+            raw = _read_member(zf, info, offset, need, key, path)
+            if fortran:
+                a = raw.view(dtype).reshape(shape[::-1]).T[:rows]
+            else:
+                a = raw.view(dtype).reshape((rows,) + shape[1:])
+            arrays[key] = np.ascontiguousarray(a, dtype=dtype.newbyteorder("="))
     return arrays
+
+
+class _open_npz:
+    """``with _open_npz(path) as (zipfile, {array name: ZipInfo})``: every archive fault becomes a DataError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        path = self.path
+        if not path.exists():
+            raise DataError(f"calibration file {path} does not exist")
+        if not path.is_file():
+            raise DataError(f"calibration path {path} is not a file; give a .npz file")
+        try:
+            self.zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+            raise DataError(f"{path} is not a readable .npz file ({_why(e)}); write it with numpy.savez") from None
+        members = {}
+        for info in self.zf.infolist():
+            if info.is_dir():
+                continue
+            if not info.filename.endswith(".npy"):
+                self.zf.close()
+                raise DataError(f"{path} holds {info.filename!r}, which is not a .npy array; a calibration .npz "
+                                "holds only arrays (numpy.savez)")
+            members[info.filename[:-4]] = info
+        if not members:
+            self.zf.close()
+            raise DataError(f"calibration file {path} holds no arrays")
+        return self.zf, members
+
+    def __exit__(self, *exc):
+        self.zf.close()
+        return False
+
+
+_ACCEPTED = "accepted: float, integer or bool arrays (numpy.savez of plain arrays)"
+
+
+def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
+    """(shape, dtype, fortran order, data offset) of one member, checked against the archive's sizes."""
+    key = info.filename[:-4]
+    try:
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version} is not supported (1.0, 2.0)")
+            offset = f.tell()
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
+            SyntaxError, TypeError) as e:
+        raise DataError(f"array {key!r} in {path} has no readable .npy header ({_why(e)}); {_ACCEPTED}") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf" or dtype.itemsize == 0:
+        raise DataError(f"calibration array {key!r} in {path} has dtype {dtype}; {_ACCEPTED}")
+    shape = tuple(int(d) for d in shape)
+    if not shape or shape[0] == 0:
+        raise DataError(f"calibration array {key!r} in {path} is empty (shape {shape}); "
+                        "the first axis must count the samples")
+    if any(d <= 0 for d in shape):
+        raise DataError(f"calibration array {key!r} in {path} has shape {shape}; every axis must hold values")
+    declared = dtype.itemsize * math.prod(shape)
+    if info.file_size - offset != declared:
+        raise DataError(f"calibration array {key!r} in {path}: its header declares shape {shape} {dtype} "
+                        f"({declared} bytes) but the archive holds {max(info.file_size - offset, 0)} bytes for it; "
+                        "the file is truncated or corrupt: write it again with numpy.savez")
+    return shape, dtype, fortran, offset
+
+
+def _read_member(zf, info, offset: int, need: int, key: str, path: Path) -> np.ndarray:
+    """The ``need`` bytes after the header of one member, decompressed in bounded chunks."""
+    out = np.empty(need, np.uint8)
+    done = 0
+    try:
+        with zf.open(info) as f:
+            f.read(offset)
+            while done < need:
+                chunk = f.read(min(_CHUNK, need - done))
+                if not chunk:
+                    break
+                out[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                done += len(chunk)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
+        raise DataError(f"calibration array {key!r} in {path} cannot be read ({_why(e)}); "
+                        "the file is corrupt: write it again with numpy.savez") from None
+    if done < need:
+        raise DataError(f"calibration array {key!r} in {path} ends after {done} of {need} bytes; "
+                        "the file is truncated: write it again with numpy.savez")
+    return out
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

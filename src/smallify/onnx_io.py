@@ -29,17 +29,39 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, before any long work, when ``path`` cannot be written."""
+def check_writable(path: str | os.PathLike, inputs=()) -> Path:
+    """Fail early, before any long work, when ``path`` cannot be written or would overwrite one of ``inputs``.
+
+    The folder is tried for real: a probe file is created and removed (``os.access`` says yes for root on
+    /proc, /sys and read-only bind mounts where creating a file fails)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"output path {path} is a directory; give a file name such as {path / 'model.int8.onnx'}")
+    for source in inputs:
+        if source is not None and isinstance(source, (str, os.PathLike)) and _same_file(path, Path(source)):
+            raise OutputError(f"output path {path} is the input file {source}; smallify never overwrites its input: "
+                              f"give another name, e.g. {path.with_name(path.stem + '.small' + path.suffix)}")
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: folder {parent} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: creating a file in {parent} failed ({e.strerror or e}); "
+                          "give a path in a folder you can write") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (symlinks resolved, hard links compared by inode)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -47,9 +69,10 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda tmp: onnx.save(model, tmp))
 
 
-def write_atomic(path: str | os.PathLike, write) -> Path:
-    """Call ``write(temporary path)`` beside ``path``, then rename the result onto ``path``."""
-    path = check_writable(path)
+def write_atomic(path: str | os.PathLike, write, inputs=()) -> Path:
+    """Call ``write(temporary path)`` beside ``path``, then rename the result onto ``path`` (never one of
+    ``inputs``); the temporary file is removed on any failure, Ctrl-C included."""
+    path = check_writable(path, inputs)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

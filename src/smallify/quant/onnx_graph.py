@@ -71,3 +71,16 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     inputs = [i for i in model.graph.input if i.name in used or i.name not in kept]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
+
+
+def check_finite_weights(model: onnx.ModelProto, selected) -> None:
+    """ModelError naming the first layer converted (``selected(layer name, weight name)``) whose constant
+    weight holds NaN or Inf: no method can store it, and a half-precision copy would carry it silently."""
+    from smallify.errors import ModelError
+
+    consts = constants(model)
+    for node, w, name, _ in weight_layers(model):
+        wname = node.input[w]
+        if selected(name, wname) and not np.isfinite(consts[wname]).all():
+            raise ModelError(f"weight {wname!r} of layer {name!r} holds NaN or Inf; only finite weights can be "
+                             "converted: fix the model, or keep the layer in float with --skip")
