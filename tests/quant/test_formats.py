@@ -79,6 +79,24 @@ def test_format_validation_names_accepted_values():
         sm.quantize(MLP(), sm.WeightOnly(bits=4, group_size=96))
 
 
+def test_int8_group_size_that_does_not_divide_names_the_layer(tmp_path):
+    """Int8Static(weight_bits=4, group_size=...) on both paths: the error names the layer and what fits."""
+    x = torch.randn(4, 8, 256)
+    expected = (r"group_size=96 does not divide the 256 input channels of layer 'fc1'; accepted: a divisor "
+                r"of 256, None \(one scale per output channel\), or leave the layer out .*skip=\('fc1',\)")
+    with pytest.raises(ConfigError, match=expected):
+        sm.quantize(MLP(), sm.Int8Static(weight_bits=4, group_size=96), data=x)
+    with pytest.raises(ConfigError, match="1024 input channels of layer 'fc2'; accepted: a divisor of 1024, None"):
+        sm.quantize(MLP(), sm.Int8Static(weight_bits=4, group_size=96, skip=("fc1", "fc3")), data=x)
+    sm.export_onnx(MLP(), tmp_path / "mlp.onnx", x[:1])
+    with pytest.raises(ConfigError, match=expected):
+        sm.quantize(str(tmp_path / "mlp.onnx"), sm.Int8Static(weight_bits=4, group_size=96), data=x.numpy(),
+                    out=tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+    with pytest.raises(ConfigError, match=r"the 6 input channels of layer '0'; accepted: 2, 3, 6, None"):
+        sm.quantize(nn.Sequential(nn.Linear(6, 4)), sm.Int8Static(weight_bits=4, group_size=4), data=torch.randn(8, 6))
+
+
 @pytest.fixture(scope="module")
 def mlp_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"

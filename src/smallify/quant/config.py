@@ -39,6 +39,19 @@ def _check_layer_bits(layer_bits: dict) -> dict:
     return dict(layer_bits)
 
 
+def check_group_fits(group_size: int | None, in_channels: int, layer: str, auto: bool = False) -> None:
+    """A group size that does not divide a layer's input channels is an error naming the layer."""
+    if group_size is None or in_channels % group_size == 0:
+        return
+    fits = [g for g in range(2, in_channels + 1) if in_channels % g == 0]
+    accepted = f"{', '.join(map(str, fits))}" if 0 < len(fits) <= 6 else f"a divisor of {in_channels}" if fits \
+        else "no group size fits"
+    auto_text = "'auto', " if auto else ""
+    raise ConfigError(f"group_size={group_size} does not divide the {in_channels} input channels of layer "
+                      f"{layer!r}; accepted: {accepted}, {auto_text}None (one scale per output channel), or leave the layer "
+                      f"out of the grouping (skip=({layer!r},) or layer_bits={{{layer!r}: 'float'}})")
+
+
 def _first_match(patterns, names) -> str | None:
     return next((p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
 
@@ -84,12 +97,15 @@ class Int8Static(Config):
         """The first ``skip`` pattern that matches any of a layer's ``names``, or None."""
         return _first_match(self.skip, names)
 
-    def weight_spec(self, *names: str) -> WeightSpec:
-        """The weight grid of the layer called ``names`` (``layer_bits`` first, then ``weight_bits``)."""
+    def weight_spec(self, *names: str, in_channels: int | None = None) -> WeightSpec:
+        """The weight grid of the layer called ``names`` (``layer_bits`` first, then ``weight_bits``); with
+        ``in_channels``, a ``group_size`` that does not divide them is an error naming the layer."""
         pattern = _first_match(self.layer_bits, names)
         bits = self.layer_bits[pattern] if pattern is not None else self.weight_bits
         if bits == "float":
             return WeightSpec(None)
+        if in_channels is not None:
+            check_group_fits(self.group_size, in_channels, names[0])
         fmt = INT8_WEIGHT if bits == 8 else IntFormat(bits, signed=True, symmetric=True)
         return WeightSpec(fmt, self.per_channel, self.group_size)
 
@@ -133,7 +149,7 @@ class FP8Static(Int8Static):
     def activation_format(self) -> FloatFormat:
         return FloatFormat(self.format)
 
-    def weight_spec(self, *names: str) -> WeightSpec:
+    def weight_spec(self, *names: str, in_channels: int | None = None) -> WeightSpec:
         pattern = _first_match(self.layer_bits, names)
         if pattern is not None and self.layer_bits[pattern] == "float":
             return WeightSpec(None)
@@ -186,9 +202,8 @@ class WeightOnly(Config):
         group = self.group_size
         if group == "auto":
             group = next((g for g in AUTO_GROUPS if in_channels % g == 0 and in_channels > g), None)
-        elif group is not None and in_channels % group:
-            raise ConfigError(f"group_size={group} does not divide the {in_channels} input channels of layer "
-                              f"{names[0]!r}; accepted: a divisor of {in_channels}, 'auto' or None (per channel)")
+        else:
+            check_group_fits(group, in_channels, names[0], auto=True)
         return WeightSpec(fmt, True, group)
 
 
