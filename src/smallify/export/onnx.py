@@ -74,19 +74,14 @@ def _float_twins(gm: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], dic
             plain = copy.deepcopy(m.layer).float()
             qmod.replace_module(gm, name, plain)
             weights[name], twins[name] = plain.weight, m
-        if isinstance(m, qmod.ActQuant):
+        if isinstance(m, qmod.ActQuant) and not name.endswith(".input_quant"):   # those go with their twin
             qmod.replace_module(gm, name, _ExportActQuant(m))
-        if isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear)):
+        if isinstance(m, qmod.QuantTwin):
             if m.spec.fmt is not None:
                 twins[name] = m
-            base = nn.Conv2d if isinstance(m, qmod.QuantConv2d) else nn.Linear
-            plain = copy.deepcopy(m)
-            plain.__class__ = base
-            with torch.no_grad():
-                plain.weight.copy_(m.qweight())
-            for buf in ("weight_scale", "weight_zero_point"):
-                delattr(plain, buf)
-            qmod.replace_module(gm, name, plain)
+            plain = m.to_float()
+            q = m._modules.get("input_quant")
+            qmod.replace_module(gm, name, plain if q is None else nn.Sequential(_ExportActQuant(q), plain))
             if m.spec.fmt is not None:
                 weights[name] = plain.weight
     return gm, weights, twins
@@ -158,7 +153,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynam
     A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
     int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
     onnx_io.check_writable(path)
-    quantized = any(isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear, qmod.ActQuant, HalfPrecision))
+    quantized = any(isinstance(m, (qmod.QuantTwin, qmod.ActQuant, HalfPrecision))
                     for m in model.modules())
     plain, weights, twins = _float_twins(model) if quantized else (model, {}, {})
     proto = to_onnx_proto(plain, example_inputs, dynamic_batch, input_names=input_names)

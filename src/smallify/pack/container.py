@@ -33,7 +33,7 @@ SPARSE_MIN = 0.5    # tensors with at least this fraction of zeros are stored as
 
 
 def _twins(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (qmod.QuantConv2d, qmod.QuantLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, qmod.QuantTwin)]
 
 
 def _spec_dict(spec: qmod.WeightSpec) -> dict:
@@ -153,7 +153,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 m = target.get_submodule(name)
             except AttributeError:
                 raise ModelError(f"the model has no layer {name!r} that the file holds; is it the same architecture?") from None
-            qmod.replace_module(target, name, qmod.lookup(m)[1].from_float(m, _spec_from(info["spec"])))
+            qmod.replace_module(target, name, qmod.lookup(m).from_float(m, _spec_from(info["spec"])))
     state = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():

@@ -1,4 +1,5 @@
-"""Quantized twins of float modules, and the registry that maps a float type to its twin.
+"""Quantized twins of float modules (``QuantTwin``), and the open registry that maps a float type to its
+twin (``register_twin``).
 
 A twin keeps float weights and fake-quantizes them in ``forward`` (per output channel, symmetric INT8), so
 the module computes exactly what the integer kernel computes after export. Activations are quantized by
@@ -6,6 +7,7 @@ the module computes exactly what the integer kernel computes after export. Activ
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -130,17 +132,38 @@ def weight_values(w: torch.Tensor, spec: WeightSpec, scale: torch.Tensor, zero: 
     return quantize(w.detach(), s, broadcast_param(zero, spec, w.ndim), spec.fmt)
 
 
-class _WeightQuantMixin:
-    """Weight fake quantization for the twins. Scales and zero points are buffers (``weight_scale``,
-    ``weight_zero_point``), or a learnable parameter after ``make_scale_learnable`` (QAT with LSQ)."""
+class QuantTwin:
+    """Base of every quantized twin: a float layer's subclass (or stand-in) whose weight is fake-quantized in
+    ``forward``. Scales and zero points are buffers (``weight_scale``, ``weight_zero_point``), or a learnable
+    parameter after ``make_scale_learnable`` (QAT with LSQ). A twin made by the untraced (eager) path also
+    holds ``input_quant``, the ``ActQuant`` of its input.
+
+    A new twin is one class in this file: subclass ``QuantTwin`` and the float layer it computes like, write
+    ``from_float``, and decorate it with ``register_twin(float type)``. ``float_base`` is the plain layer the
+    twin exports as (``to_float``)."""
 
     spec: WeightSpec = WeightSpec()
+    kind: str = "linear"                 # the op kind in the placement rule ('conv', 'linear')
+    float_base: type = nn.Module         # the plain torch layer ``to_float`` returns
+
+    @classmethod
+    def from_float(cls, m: nn.Module, spec: WeightSpec = WeightSpec()) -> "QuantTwin":
+        raise NotImplementedError
+
+    @staticmethod
+    def float_weight(m: nn.Module) -> torch.Tensor:
+        """The float layer's weight in PyTorch layout (output channels on axis 0)."""
+        return m.weight
 
     def _init_weight_quant(self, spec: WeightSpec) -> None:
         self.spec = spec
         scale, zero = weight_params(self.weight, spec)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        q = self._modules.get("input_quant")
+        return x if q is None else q(x)
 
     def make_scale_learnable(self) -> None:
         """Turn ``weight_scale`` into a parameter trained with the LSQ gradient (integer formats)."""
@@ -171,11 +194,51 @@ class _WeightQuantMixin:
             else self.weight_scale
         return weight_values(self.weight, self.spec, scale, self.weight_zero_point), scale, self.weight_zero_point
 
+    def to_float(self) -> nn.Module:
+        """A plain ``float_base`` layer holding the dequantized weight (exact grid values), for export."""
+        plain = copy.deepcopy(self)
+        plain._modules.pop("input_quant", None)
+        plain.__class__ = self.float_base
+        with torch.no_grad():
+            plain.weight.copy_(self.qweight())
+        for buf in ("weight_scale", "weight_zero_point"):
+            delattr(plain, buf)
+        return plain
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight={self.spec.describe()}"
 
 
-class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+# float type (or 'module.QualName' of an optional dependency's class) -> twin. Looked up along the MRO.
+REGISTRY: dict[type | str, type[QuantTwin]] = {}
+
+
+def register_twin(float_type: type | str, kind: str | None = None):
+    """Class decorator: make the decorated ``QuantTwin`` the twin of ``float_type`` (a class, or the dotted
+    'module.QualName' of a class from an optional dependency, matched without importing it)."""
+    def deco(twin: type[QuantTwin]) -> type[QuantTwin]:
+        if not issubclass(twin, QuantTwin):
+            raise TypeError(f"{twin.__name__} must subclass QuantTwin")
+        if kind is not None:
+            twin.kind = kind
+        REGISTRY[float_type] = twin
+        return twin
+    return deco
+
+
+def _type_key(klass: type) -> str:
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def handled_names() -> list[str]:
+    """The float layer types that have a twin, for messages."""
+    return [k.__name__ if isinstance(k, type) else k.rpartition(".")[2] for k in REGISTRY]
+
+
+@register_twin(nn.Conv2d, kind="conv")
+class QuantConv2d(QuantTwin, nn.Conv2d):
+    float_base = nn.Conv2d
+
     @classmethod
     def from_float(cls, m: nn.Conv2d, spec: WeightSpec = WeightSpec()) -> "QuantConv2d":
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
@@ -185,10 +248,13 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.qweight(), self.bias)
+        return self._conv_forward(self.quant_input(x), self.qweight(), self.bias)
 
 
-class QuantLinear(_WeightQuantMixin, nn.Linear):
+@register_twin(nn.Linear, kind="linear")
+class QuantLinear(QuantTwin, nn.Linear):
+    float_base = nn.Linear
+
     @classmethod
     def from_float(cls, m: nn.Linear, spec: WeightSpec = WeightSpec()) -> "QuantLinear":
         q = cls(m.in_features, m.out_features, m.bias is not None)
@@ -197,14 +263,26 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight(), self.bias)
+        return F.linear(self.quant_input(x), self.qweight(), self.bias)
 
 
-# float type -> (kind in the placement rule, twin constructor). Looked up along the class's MRO.
-REGISTRY: dict[type, tuple[str, type]] = {
-    nn.Conv2d: ("conv", QuantConv2d),
-    nn.Linear: ("linear", QuantLinear),
-}
+@register_twin("transformers.pytorch_utils.Conv1D", kind="linear")
+class QuantGPT2Conv1D(QuantLinear):
+    """Twin of transformers' ``Conv1D`` (GPT-2, GPT): a Linear whose weight is stored transposed, [in, out].
+    The twin holds it as a Linear does ([out, in]) and exports as ``nn.Linear``."""
+
+    @staticmethod
+    def float_weight(m: nn.Module) -> torch.Tensor:
+        return m.weight.t()
+
+    @classmethod
+    def from_float(cls, m: nn.Module, spec: WeightSpec = WeightSpec()) -> "QuantGPT2Conv1D":
+        q = cls(m.nx, m.nf, True)
+        with torch.no_grad():
+            q.weight.copy_(m.weight.t())
+            q.bias.copy_(m.bias)
+        q._init_weight_quant(spec)
+        return q
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -213,10 +291,12 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, new)
 
 
-def lookup(module: nn.Module) -> tuple[str, type] | None:
-    if isinstance(module, (QuantConv2d, QuantLinear)):
+def lookup(module: nn.Module) -> type[QuantTwin] | None:
+    """The twin class of ``module``'s type (along its MRO), or None (no twin, or already a twin)."""
+    if isinstance(module, QuantTwin):
         return None
     for klass in type(module).__mro__:
-        if klass in REGISTRY:
-            return REGISTRY[klass]
+        twin = REGISTRY.get(klass) or REGISTRY.get(_type_key(klass))
+        if twin is not None:
+            return twin
     return None

@@ -7,8 +7,10 @@ exported INT8 ONNX model computes.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +56,8 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
         for klass in type(m).__mro__:
             if klass in _MODULE_KINDS:
                 return _MODULE_KINDS[klass]
-        hit = qmod.lookup(m)
-        return hit[0] if hit else "other"
+        twin = qmod.lookup(m)
+        return twin.kind if twin else "other"
     if n.op == "call_function":
         if n.target in (operator.add, torch.add) and not all(isinstance(a, fx.Node) for a in n.args[:2]):
             return "other"  # adding a constant
@@ -65,19 +67,19 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
     return "other"
 
 
-def _layer_reports(gm: fx.GraphModule, config: Int8Static) -> tuple[list[LayerReport], set[str]]:
-    """One report per module that holds parameters; returns them and the names to quantize."""
+def _layer_reports(modules, config: Int8Static) -> tuple[list[LayerReport], set[str]]:
+    """One report per module of ``modules`` ((name, module) pairs) that holds parameters; returns them and
+    the names to quantize."""
     reports, chosen = [], set()
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for name, m in gm.named_modules():
-        if name == "" or name not in called or not any(True for _ in m.parameters(recurse=False)):
+    for name, m in modules:
+        if name == "" or not any(True for _ in m.parameters(recurse=False)):
             continue
         op = type(m).__name__
         pattern = config.skip_pattern(name)
         if pattern is not None:
             reports.append(LayerReport(name, op, "float", f"skipped by pattern {pattern!r}"))
         elif qmod.lookup(m) is None:
-            accepted = ", ".join(k.__name__ for k in qmod.REGISTRY)
+            accepted = ", ".join(qmod.handled_names())
             reports.append(LayerReport(name, op, "float", f"{op} has no INT8 implementation (handled: {accepted})"))
         else:
             reports.append(LayerReport(name, op, "quantized"))
@@ -87,8 +89,14 @@ def _layer_reports(gm: fx.GraphModule, config: Int8Static) -> tuple[list[LayerRe
 
 def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool = True) -> fx.GraphModule:
     """Quantize a PyTorch module; the returned GraphModule carries ``quant_report`` and ``quant_config``."""
-    gm = trace(model)
-    reports, chosen = _layer_reports(gm, config)
+    try:
+        gm = trace(model)
+    except ModelError:
+        if not untraced_ok(model, config):
+            raise
+        return quantize_untraced(model, config, data, progress)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    reports, chosen = _layer_reports(((n, m) for n, m in gm.named_modules() if n in called), config)
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gnodes, outputs = [], set()
     for n in gm.graph.nodes:
@@ -102,9 +110,9 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
     scheme = choose_scheme(gnodes, config.scheme)
     placement = place(gnodes, outputs, scheme)
     fmt = config.activation_format
-    for name in chosen:
-        m = gm.get_submodule(name)
-        qmod.replace_module(gm, name, qmod.lookup(m)[1].from_float(m, config.weight_spec(name)))
+    for name in [n for n, _ in gm.named_modules() if n in chosen]:      # model order: the first bad layer is named
+        m, twin = gm.get_submodule(name), qmod.lookup(gm.get_submodule(name))
+        qmod.replace_module(gm, name, twin.from_float(m, config.weight_spec(name, in_channels=twin.float_weight(m).shape[1])))
     gm.add_module("act_quant", nn.ModuleDict())
     by_name = {n.name: n for n in gm.graph.nodes}
     for t in placement.tensors():
@@ -118,21 +126,76 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
     gm.graph.lint()
     gm.recompile()
 
-    start, samples = time.perf_counter(), 0
+    start = time.perf_counter()
+    samples = _calibrate(lambda batch: gm(*[batch[n] for n in names]), names, data, config, progress)
     if data is None:    # structure only: parameters come from a saved file (smallify.load)
         for q in gm.act_quant.values():
             q.calibrating, q.observer = False, None
     else:
-        with torch.no_grad():
-            stream = data_mod.batches(data, names, limit=config.max_calibration_samples)
-            for batch in track(stream, "calibrating", progress):
-                gm(*[batch[n] for n in names])
-                samples += next(iter(batch.values())).shape[0]
         for t in placement.calibrated:
             gm.act_quant[t].freeze()
     for t, src in placement.shared.items():
         gm.act_quant[t].set_qparams(gm.act_quant[src].scale, gm.act_quant[src].zero_point)
-    gm.quant_config = config
+    gm.quant_config, gm.input_names = config, names
     gm.quant_report = QuantReport(config.to_dict(), reports, len(placement.tensors()), samples,
                                   time.perf_counter() - start, scheme)
     return gm.eval()
+
+
+def _calibrate(run, names: list[str], data, config: Int8Static, progress: bool) -> int:
+    """Run the calibration batches through ``run(batch dict)``; returns the number of samples."""
+    samples = 0
+    if data is not None:
+        with torch.no_grad():
+            stream = data_mod.batches(data, names, limit=config.max_calibration_samples)
+            for batch in track(stream, "calibrating", progress):
+                run(batch)
+                samples += next(iter(batch.values())).shape[0]
+    return samples
+
+
+def untraced_ok(model: nn.Module, config: Int8Static) -> bool:
+    """Whether a model torch.fx cannot trace is quantized without a graph: with the transformer placement
+    (chosen, or 'auto' on a model holding LayerNorm / Softmax modules), which needs none."""
+    if config.scheme == "auto":
+        return any(isinstance(m, (nn.LayerNorm, nn.Softmax)) for m in model.modules())
+    return config.scheme == "transformer"
+
+
+def _input_names(model: nn.Module, data) -> list[str]:
+    first = data[0] if isinstance(data, (list, tuple)) and data else data
+    if isinstance(first, Mapping):
+        return list(first)
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return params[:1] or ["input"]
+
+
+def quantize_untraced(model: nn.Module, config: Int8Static, data, progress: bool = True) -> nn.Module:
+    """Quantize a model torch.fx cannot trace (Hugging Face transformers) with the transformer placement,
+    which needs no graph: every layer with a twin is swapped, and the twin quantizes its own input
+    (``input_quant``). Returns a copy of ``model`` with ``quant_report`` and ``quant_config``."""
+    from smallify.quant.weight_only import fold_batchnorm
+
+    model = fold_batchnorm(model)
+    reports, chosen = _layer_reports(model.named_modules(), config)
+    fmt = config.activation_format
+    quantizers = []
+    for name in sorted(chosen):
+        m = model.get_submodule(name)
+        klass = qmod.lookup(m)
+        twin = klass.from_float(m, config.weight_spec(name, in_channels=klass.float_weight(m).shape[1]))
+        obs = None if data is None else observers.make_observer(config.calibration, config.percentile, name, fmt)
+        twin.input_quant = qmod.ActQuant(fmt, obs, name)
+        quantizers.append(twin.input_quant)
+        qmod.replace_module(model, name, twin)
+    names = _input_names(model, data)
+    start = time.perf_counter()
+    samples = _calibrate(lambda batch: model(**batch), names, data, config, progress)
+    if data is not None:
+        for q in quantizers:
+            q.freeze()
+    model.quant_config, model.input_names = config, names
+    model.quant_report = QuantReport(config.to_dict(), reports, len(quantizers), samples,
+                                     time.perf_counter() - start, "transformer")
+    return model.eval()

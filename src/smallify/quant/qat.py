@@ -19,7 +19,7 @@ from smallify.train import TrainConfig, TrainData, train
 
 
 def _quantizers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (qmod.ActQuant, qmod.QuantConv2d, qmod.QuantLinear))]
+    return [m for m in model.modules() if isinstance(m, (qmod.ActQuant, qmod.QuantTwin))]
 
 
 def freeze_scales(model: nn.Module) -> None:
