@@ -267,13 +267,14 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
     import onnx
 
     from smallify import onnx_io
-    from smallify.quant.onnx import preprocess, quantize_onnx
+    from smallify.quant.onnx import normalize, preprocess, quantize_onnx
     from smallify.quant.onnx_graph import weight_layers
     from smallify.train import call_metric
 
     if out is not None:
         onnx_io.check_writable(out)
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    model = normalize(model)        # the float reference must run in ONNX Runtime too (old opsets converted)
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "float.onnx")

@@ -88,15 +88,20 @@ def needed_opset(config) -> int:
     return 21 if min(bits) < 8 or getattr(config, "group_size", None) else 13
 
 
+def normalize(model: onnx.ModelProto, opset: int = 13) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers are weights (not graph inputs) at opset ``opset`` or above."""
+    model = copy_model(model)
+    weights_not_inputs(model)
+    return upgrade_opset(model, opset)
+
+
 def preprocess(model: onnx.ModelProto, opset: int = 13) -> onnx.ModelProto:
     """Bring a float model as users have it into the form every pass expects: initializers are weights (not
     graph inputs), the opset is at least ``opset`` (converted), constant subgraphs are folded and BatchNorm
     is folded (ONNX Runtime's basic graph optimizations), shapes are inferred."""
     import onnxruntime as ort
 
-    model = copy_model(model)
-    weights_not_inputs(model)
-    model = upgrade_opset(model, opset)
+    model = normalize(model, opset)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "opt.onnx")
         large = model.ByteSize() > LARGE_MODEL_BYTES

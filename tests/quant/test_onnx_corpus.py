@@ -1,0 +1,112 @@
+"""Every corpus model x every method: a correct result (output SQNR/cosine against the float model above the
+method's stated bound, and the integer kernels the method promises in ONNX Runtime's optimized graph), or a
+typed refusal in one line. Never a traceback. The corpus: smallify/examples/onnx_corpus.py."""
+import numpy as np
+import onnx
+import pytest
+
+from smallify.examples import onnx_corpus as oc
+
+# Bounds per method: output SQNR in dB against the float model on 16 random inputs, and cosine. The corpus
+# models have random weights and random inputs (harder than trained models on real data: no redundancy).
+BOUNDS = {"int8": (10.0, 0.96), "w4a8": (10.0, 0.95), "weight-only": (10.0, 0.95), "dynamic": (12.0, 0.97),
+          "fp8": (20.0, 0.99), "fp16": (60.0, 0.99999), "bf16": (45.0, 0.9999), "mixed": (10.0, 0.95)}
+# refusals the corpus expects: (model, method) -> words the one-line reason must hold
+EXPECTED_REFUSALS = {(m, "dynamic"): "for convolutions use --method int8"
+                     for m in ("grouped_convs", "conv_transpose", "unet")}
+SLOW_MODELS = {"bert", "gpt2", "cnn_dynamo"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    built: dict[str, oc.CorpusModel] = {}
+
+    def get(name: str) -> oc.CorpusModel:
+        if name not in built:
+            built[name] = oc.build(name, folder)
+        return built[name]
+    return get, folder
+
+
+def _cases():
+    for name in oc.BUILDERS:
+        for method in oc.METHODS:
+            marks = [pytest.mark.slow] if name in SLOW_MODELS or method == "mixed" else []
+            yield pytest.param(name, method, marks=marks, id=f"{name}-{method}")
+
+
+@pytest.mark.parametrize("name,method", list(_cases()))
+def test_corpus_model_method(corpus, name, method):
+    get, folder = corpus
+    model = get(name)
+    before = model.path.read_bytes()
+    outcome = oc.check(model, method, folder)
+    assert model.path.read_bytes() == before                       # the user's model is never touched
+    assert outcome.status != "crash", outcome.message
+    if (name, method) in EXPECTED_REFUSALS:
+        assert outcome.status == "refused"
+        assert EXPECTED_REFUSALS[name, method] in outcome.message and "\n" not in outcome.message
+        assert not (folder / f"{name}.{method}.onnx").exists()      # nothing written
+        return
+    assert outcome.status == "ok", outcome.message
+    min_sqnr, min_cos = BOUNDS[method]
+    assert outcome.sqnr >= min_sqnr and outcome.cosine >= min_cos, outcome
+    if method in ("int8", "dynamic"):     # (mixed: only layers kept at 8 bits run integer kernels)
+        assert outcome.integer_kernels >= 1, outcome                # QLinearConv / QGemm / MatMulInteger ...
+    if method != "dynamic" and name not in ("two_inputs",):   # two_inputs: 300 weights, Q/DQ overhead dominates
+        assert outcome.size_ratio < 1.0, outcome
+
+
+def test_shared_initializer_gets_one_quantized_copy(corpus):
+    get, folder = corpus
+    model = get("shared_linear")
+    oc.check(model, "int8", folder)
+    q = onnx.load(str(folder / "shared_linear.int8.onnx"))
+    names = [i.name for i in q.graph.initializer]
+    assert len(names) == len(set(names))
+    fc = [n for n in names if n.startswith("fc.weight")]
+    assert fc == ["fc.weight:q", "fc.weight:s", "fc.weight:zp"]    # one int8 copy read by both layers
+    readers = [n for n in q.graph.node if "fc.weight:q" in n.input]
+    assert len(readers) == 1 and readers[0].op_type == "DequantizeLinear"
+
+
+def test_old_opset_is_converted_not_renumbered(corpus):
+    get, folder = corpus
+    model = get("zoo_opset6")          # BatchNormalization(6): ONNX Runtime has no kernel for it
+    oc.check(model, "int8", folder)
+    q = onnx.load(str(folder / "zoo_opset6.int8.onnx"))
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    assert q.ir_version >= 7
+    # IR 3: initializers were listed as inputs; the quantized model's only input is the image
+    assert [i.name for i in q.graph.input] == ["data"]
+
+
+def test_fixed_batch_model_calibrates_sample_by_sample(corpus):
+    import smallify as sm
+
+    get, folder = corpus
+    model = get("fixed_batch1")
+    res = sm.quantize(str(model.path), sm.Int8Static(), data=model.calib, progress=False)
+    assert res.report.calibration_samples == len(model.calib["input"]) == 32
+
+
+def test_cli_method_dynamic_and_refusal(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from smallify.cli import app
+
+    get, _ = corpus
+    runner = CliRunner()
+    mlp = get("matmul_add")
+    out = tmp_path / "mlp.dyn.onnx"
+    r = runner.invoke(app, ["quantize", str(mlp.path), "--out", str(out), "--method", "dynamic"])
+    assert r.exit_code == 0, r.output
+    assert oc.kernels(out).get("DynamicQuantizeMatMul", 0) + oc.kernels(out).get("MatMulIntegerToFloat", 0) == 2
+    unet = get("unet")
+    out = tmp_path / "unet.dyn.onnx"
+    r = runner.invoke(app, ["quantize", str(unet.path), "--out", str(out), "--method", "dynamic"])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "Int8Dynamic found no layer" in lines[0] and "--method int8" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "mlp.dyn.onnx"]
