@@ -139,3 +139,43 @@ def test_signed_int8_activations_export(model, calib, tmp_path):
     with torch.no_grad():
         want = q(calib).numpy()
     assert sqnr_db(torch.from_numpy(want), torch.from_numpy(got)) > 30
+
+
+class Scaler(nn.Module):
+    """A custom layer holding a weight; torch.fx traces through it (x * weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class WithFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.w = nn.Parameter(torch.randn(8, 8) / 3)
+        self.scaler = Scaler()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(torch.relu(self.fc(x)), self.w)
+        return self.head(self.scaler(h))
+
+
+def test_every_weight_left_in_float_is_listed_with_its_reason():
+    torch.manual_seed(0)
+    m = WithFunctional().eval()
+    x = torch.randn(32, 4)
+    rep = sm.quantize(m, sm.Int8Static(), x, progress=False).quant_report
+    assert rep.quantized == ["fc", "head"]
+    assert set(rep.floating) == {"w", "scaler"}
+    assert "functional linear" in rep.floating["w"] and "functional mul" in rep.floating["scaler"]
+    assert [l.op for l in rep.layers if l.name == "scaler"] == ["Scaler"]
+    assert "2 left in float" in str(rep) and "float: w (" in str(rep)
+    wo = sm.quantize(m, sm.WeightOnly(bits=8)).quant_report          # the untraced paths list them too
+    assert wo.quantized == ["fc", "head"]
+    assert wo.floating == {"w": "Parameter has no weight-only implementation (handled: Conv2d, Linear, Conv1D)",
+                           "scaler": "Scaler has no weight-only implementation (handled: Conv2d, Linear, Conv1D)"}

@@ -95,3 +95,15 @@ def test_a_new_twin_is_one_registration():
         assert not isinstance(after, nn.Parameter) and not torch.equal(before, after)
     finally:
         del qmod.REGISTRY[nn.Conv1d]
+
+
+def test_without_its_twin_conv1d_is_listed_float(tiny_gpt2):
+    cfg, model = tiny_gpt2
+    key = "transformers.pytorch_utils.Conv1D"
+    twin = qmod.REGISTRY.pop(key)
+    try:
+        rep = sm.quantize(model, sm.Int8Static(), torch.randint(0, 200, (8, 16)), progress=False).quant_report
+    finally:
+        qmod.REGISTRY[key] = twin
+    assert rep.quantized == [] and len(rep.floating) == 15
+    assert rep.floating["h.0.attn.c_attn"] == "Conv1D has no INT8 implementation (handled: Conv2d, Linear)"

@@ -67,12 +67,39 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> str:
     return "other"
 
 
+_FUNCTIONAL = ("read by a functional call (F.linear, F.conv2d, ...), which has no twin; make it an nn.Linear / "
+               "nn.Conv2d module to quantize it")
+
+
+def _functional_reports(gm: fx.GraphModule, model: nn.Module, reported: set[str]) -> list[LayerReport]:
+    """The parameters torch.fx traced into functional calls (``get_attr`` nodes): custom modules that hold a
+    weight, and ``F.linear(x, self.weight)`` in a forward. They stay float and are listed by their owner."""
+    params = dict(gm.named_parameters())
+    owners: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target in params:
+            owner = n.target.rpartition(".")[0] or n.target
+            if owner not in reported:
+                uses = owners.setdefault(owner, [])
+                uses += [getattr(u.target, "__name__", str(u.target)) for u in n.users if u.op != "output"]
+    reports, modules = [], dict(model.named_modules())     # the traced copy's containers are plain nn.Module
+    for owner, uses in owners.items():
+        op = type(modules[owner]).__name__ if owner in modules else "Parameter"
+        calls = ", ".join(sorted(set(uses))) or "no call"
+        reports.append(LayerReport(owner, op, "float", f"its parameters are read by functional {calls}, which has no "
+                                   "twin; make it an nn.Linear / nn.Conv2d module to quantize it"))
+    return reports
+
+
 def _layer_reports(modules, config: Int8Static) -> tuple[list[LayerReport], set[str]]:
     """One report per module of ``modules`` ((name, module) pairs) that holds parameters; returns them and
     the names to quantize."""
     reports, chosen = [], set()
     for name, m in modules:
-        if name == "" or not any(True for _ in m.parameters(recurse=False)):
+        if name == "":      # the model's own parameters: read by functional calls in its forward
+            reports += [LayerReport(p, "Parameter", "float", _FUNCTIONAL) for p, _ in m.named_parameters(recurse=False)]
+            continue
+        if not any(True for _ in m.parameters(recurse=False)):
             continue
         op = type(m).__name__
         pattern = config.skip_pattern(name)
@@ -97,6 +124,7 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
         return quantize_untraced(model, config, data, progress)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     reports, chosen = _layer_reports(((n, m) for n, m in gm.named_modules() if n in called), config)
+    reports += _functional_reports(gm, model, {r.name for r in reports})
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gnodes, outputs = [], set()
     for n in gm.graph.nodes:

@@ -50,6 +50,19 @@ def _weight_layers(model: nn.Module):
             yield name, m, twin
 
 
+def unhandled_layers(model: nn.Module, what: str) -> list[LayerReport]:
+    """Every module holding its own parameters that has no twin (LayerNorm, Embedding, custom layers), as a
+    float layer with the reason: the report never says 'nothing left in float' while a weight stayed float."""
+    reports = []
+    for name, m in model.named_modules():
+        if qmod.lookup(m) is None and not isinstance(m, (qmod.QuantTwin, HalfPrecision)) \
+                and any(True for _ in m.parameters(recurse=False)):
+            op = type(m).__name__ if name else "Parameter"
+            reports.append(LayerReport(name or ", ".join(n for n, _ in m.named_parameters(recurse=False)), op, "float",
+                                       f"{op} has no {what} implementation (handled: {', '.join(qmod.handled_names())})"))
+    return reports
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with each BatchNorm folded into the convolution before it (what every runtime and
     the ONNX exporter do), so that the weights quantized are the weights that run; models that torch.fx
@@ -78,6 +91,7 @@ def weight_only_module(model: nn.Module, config: WeightOnly) -> nn.Module:
             continue
         qmod.replace_module(model, name, twin.from_float(m, spec))
         reports.append(LayerReport(name, type(m).__name__, "quantized", spec.describe()))
+    reports += unhandled_layers(model, "weight-only")
     model.quant_config = config
     model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "weight-only")
     return model
@@ -93,6 +107,7 @@ def half_module(model: nn.Module, config: Float16) -> nn.Module:
             reports.append(LayerReport(name, type(m).__name__, "quantized", config.dtype))
         else:
             reports.append(LayerReport(name, type(m).__name__, "float", "not selected by layers/skip"))
+    reports += unhandled_layers(model, config.dtype)
     model.quant_config = config
     model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, config.dtype)
     return model
