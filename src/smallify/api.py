@@ -27,6 +27,21 @@ class QuantizedONNX:
     plan: object = None     # MixedPrecision: the per-layer plan (smallify.quant.mixed.Plan)
 
 
+def check_finite_weights(model: nn.Module, config) -> None:
+    """ModelError naming the first layer ``config`` converts whose weight holds NaN or Inf (the ONNX path's
+    rule, so that both paths refuse the same model the same way)."""
+    import torch
+
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or bool(torch.isfinite(w).all()):
+            continue
+        chosen = config.selects(name) if isinstance(config, Float16) else config.skip_pattern(name) is None
+        if chosen:
+            raise ModelError(f"weight of layer {name!r} ({type(m).__name__}) holds NaN or Inf; only finite weights "
+                             "can be converted: fix the model, or keep the layer in float with skip=")
+
+
 def quantize(model, config: Int8Static | None = None, data=None, out: str | os.PathLike | None = None,
              progress: bool = True, eval_fn=None):
     """Quantize ``model`` with ``config`` (default ``Int8Static()``), calibrating on ``data``.
@@ -56,6 +71,7 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
         if out is not None:
             raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)"
                               " or smallify.save(qmodel, path)")
+        check_finite_weights(model, config)
         if isinstance(config, MixedPrecision):
             from smallify.quant.mixed import mixed_module
 
@@ -73,7 +89,7 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
         from smallify import onnx_io
 
         if out is not None:
-            onnx_io.check_writable(out)
+            onnx_io.check_writable(out, (model, data))   # also refuses the data file, hard links
             if isinstance(model, (str, os.PathLike)) and os.path.realpath(out) == os.path.realpath(model):
                 raise ConfigError(f"the output {out} is the input model: give another --out (smallify never "
                                   "overwrites the model it reads)")

@@ -196,7 +196,8 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
             offset = f.tell()
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
             SyntaxError, TypeError) as e:
-        raise DataError(f"array {key!r} in {path} has no readable .npy header ({_why(e)}); {_ACCEPTED}") from None
+        raise DataError(f"calibration array {key!r} in {path} has no readable .npy header ({_why(e)}); write it "
+                        "again with numpy.savez (plain float, integer or bool arrays)") from None
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf" or dtype.itemsize == 0:
         raise DataError(f"calibration array {key!r} in {path} has dtype {dtype}; {_ACCEPTED}")
     shape = tuple(int(d) for d in shape)

@@ -27,7 +27,7 @@ from torch import nn
 
 from smallify import onnx_io
 from smallify.config import Config, check_choice
-from smallify.errors import ConfigError, DataError, SmallifyError
+from smallify.errors import ConfigError, DataError, ModelError, SmallifyError
 from smallify.progress import track
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -138,6 +138,31 @@ def _save_checkpoint(path: Path, model: nn.Module, opt, sched, step: int, histor
     onnx_io.write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
+def _resume(path: Path, model: nn.Module, opt, sched) -> tuple[int, list]:
+    """Restore a checkpoint ``train`` wrote (tensors only: no code runs); (step, history). A file that is not
+    one, is cut short or belongs to another model is a ModelError naming it."""
+    keys = {"model", "optimizer", "scheduler", "step", "history"}
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:   # torch raises RuntimeError, UnpicklingError, EOFError, ... for foreign or cut files
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"checkpoint {path} cannot be read ({why}); give the file train() wrote, or delete it "
+                         "to start over") from None
+    if not isinstance(state, dict) or not keys <= set(state) or not isinstance(state["step"], int) \
+            or not isinstance(state["history"], list):
+        raise ModelError(f"checkpoint {path} is not a smallify training checkpoint (keys {sorted(keys)}); give "
+                         "the file train() wrote, or delete it to start over")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"checkpoint {path} was written for another model or optimizer ({why}); give another "
+                         "checkpoint path, or delete it to start over") from None
+    return state["step"], state["history"]
+
+
 def default_loss(output: torch.Tensor, target: torch.Tensor | None, batch_inputs: torch.Tensor) -> torch.Tensor:
     if target is None:
         raise DataError("the data has no labels: pass labels, or a loss_fn(output, target, inputs) that needs none")
@@ -170,11 +195,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, 
     if ckpt is not None:
         onnx_io.check_writable(ckpt)
         if ckpt.is_file():
-            state = torch.load(ckpt, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            step, history, resumed = state["step"], state["history"], state["step"]
+            step, history = _resume(ckpt, model, opt, sched)
+            resumed = step
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     torch.manual_seed(cfg.seed + step)
     epochs = math.ceil(total / steps_per_epoch)

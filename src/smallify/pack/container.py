@@ -11,6 +11,7 @@ the file), then fills it: the output equals the saved model's.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from smallify import onnx_io
-from smallify.errors import ModelError
+from smallify.errors import ConfigError, ModelError, SmallifyError
 from smallify.prune.branches import remove_branches, removed_branches
 from smallify.quant import modules as qmod
 from smallify.quant.packing import pack, unpack
@@ -46,12 +47,32 @@ def _spec_dict(spec: qmod.WeightSpec) -> dict:
             "per_channel": spec.per_channel, "group_size": spec.group_size}
 
 
-def _spec_from(d: dict) -> qmod.WeightSpec:
-    if d["fmt"] == "float":
-        return qmod.WeightSpec(None)
-    if d["fmt"] == "fp8":
-        return qmod.WeightSpec(FloatFormat(d["name"]), d["per_channel"])
-    return qmod.WeightSpec(IntFormat(d["bits"], d["signed"], d["symmetric"]), d["per_channel"], d["group_size"])
+def _spec_from(d, layer: str = "?") -> qmod.WeightSpec:
+    """A layer's grid from the manifest, every field checked (ModelError naming the layer)."""
+    def field(key, kinds, what):
+        value = d.get(key) if isinstance(d, dict) else None
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise ModelError(f"the manifest's grid of layer {layer!r} has {key}={value!r}; accepted: {what}")
+        return value
+
+    fmt = field("fmt", (str,), "'float', 'fp8' or 'int'")
+    try:
+        if fmt == "float":
+            return qmod.WeightSpec(None)
+        if fmt == "fp8":
+            return qmod.WeightSpec(FloatFormat(field("name", (str,), "an fp8 format name")),
+                                   field("per_channel", (bool,), "true or false"))
+        if fmt == "int":
+            group = d.get("group_size")
+            if group is not None:
+                group = field("group_size", (int,), "an integer >= 2 or null")
+            return qmod.WeightSpec(IntFormat(field("bits", (int,), "an integer 2..8"),
+                                             field("signed", (bool,), "true or false"),
+                                             field("symmetric", (bool,), "true or false")),
+                                   field("per_channel", (bool,), "true or false"), group)
+    except ConfigError as e:
+        raise ModelError(f"the manifest's grid of layer {layer!r} is invalid: {e}") from None
+    raise ModelError(f"the manifest's grid of layer {layer!r} has fmt={fmt!r}; accepted: 'float', 'fp8' or 'int'")
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -95,20 +116,64 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a .smallify file, every field's type checked; ModelError when it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: no such file")
+        raise ModelError(f"{path}: no such file; give a .smallify file written by smallify.save")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:
-        raise ModelError(f"{path} is not a .smallify (safetensors) file: {e}") from None
-    manifest = json.loads(meta.get("smallify", "null") or "null")
+    except Exception as e:   # safetensors checks the header's offsets, dtypes and shapes against the file
+        raise ModelError(f"{path} is not a .smallify (safetensors) file ({_first_line(e)}); "
+                         "write it with smallify.save") from None
+    try:
+        manifest = json.loads(meta.get("smallify", "null") or "null")
+    except (ValueError, RecursionError) as e:
+        raise ModelError(f"{path} has a manifest that is not valid JSON ({_first_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelError(f"{path} is a safetensors file without a smallify manifest; save it with smallify.save")
-    if manifest.get("version", 0) > VERSION:
-        raise ModelError(f"{path} was written by a newer smallify (container version {manifest['version']})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelError(f"{path} has container version {version!r}; accepted: an integer 1..{VERSION}")
+    if version > VERSION:
+        raise ModelError(f"{path} was written by a newer smallify (container version {version}); this one "
+                         f"reads versions 1..{VERSION}: upgrade smallify")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _shape_ok(shape) -> bool:
+    return (isinstance(shape, list) and 1 <= len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**40 for d in shape))
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    config = manifest.get("config")
+    if config is not None and not (isinstance(config, dict) and isinstance(config.get("kind"), str)):
+        raise ModelError(f"{path}: the manifest's config is {str(config)[:80]!r}; accepted: null or an object "
+                         "with a 'kind'")
+    layers, sparse = manifest.get("layers", {}), manifest.get("sparse", {})
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ModelError(f"{path}: the manifest's 'layers' is not an object of layer records")
+    for name, info in layers.items():
+        if not _shape_ok(info.get("shape")):
+            raise ModelError(f"{path}: the manifest gives layer {name!r} the shape {info.get('shape')!r}; "
+                             "accepted: a list of 1 to 8 positive integers")
+        _spec_from(info.get("spec"), name)
+    if not isinstance(sparse, dict) or not all(_shape_ok(v) for v in sparse.values()):
+        raise ModelError(f"{path}: the manifest's 'sparse' is not an object of tensor shapes (lists of positive "
+                         "integers)")
+    branches = manifest.get("removed_branches", [])
+    if not (isinstance(branches, list) and all(
+            isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and b[1] in (0, 1)
+            and not isinstance(b[1], bool) for b in branches)):
+        raise ModelError(f"{path}: the manifest's 'removed_branches' is {str(branches)[:80]!r}; accepted: a list "
+                         "of [residual sum name, 0 or 1] pairs")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def _config_from(d: dict | None):
@@ -120,18 +185,42 @@ def _config_from(d: dict | None):
     kinds = {c.kind: c for c in (Int8Static, FP8Static, Int8Dynamic, WeightOnly, Float16)}
     if d.get("kind") not in kinds:
         raise ModelError(f"unknown config kind {d.get('kind')!r} in the manifest; accepted: {sorted(kinds)}")
-    return kinds[d["kind"]].from_dict(d)
+    try:
+        return kinds[d["kind"]].from_dict(d)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:   # ConfigError included
+        raise ModelError(f"the manifest's {d['kind']} config is invalid: {_first_line(e)}") from None
+
 
 
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Rebuild the saved model on ``model`` (the float architecture, e.g. from your model factory): the
-    compressed structure is made from the manifest, then every tensor is filled from the file."""
+    compressed structure is made from the manifest, then every tensor is filled from the file.
+
+    Nothing from the file is executed (JSON and raw tensors only). Every record is checked before it is
+    used: the manifest's types, each packed tensor's length against the shape the manifest gives, mask
+    lengths, scales (finite, positive), dtypes; anything that does not fit is a ModelError naming it."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"load(path, model) needs the float architecture as a torch.nn.Module; got "
+                          f"{type(model).__name__}")
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = _config_from(manifest["config"])
+    try:
+        return _rebuild(path, manifest, config, model)
+    except SmallifyError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        raise ModelError(f"{path} does not fit this model or is corrupt ({_first_line(e)}); build the "
+                         "architecture the file was saved from") from None
+
+
+def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
     from smallify.quant.config import Float16, WeightOnly
     from smallify.quant.dynamic import Int8Dynamic, dynamic_module
     from smallify.quant.weight_only import fold_batchnorm, half_module
 
-    manifest = read_manifest(path)
-    config = _config_from(manifest["config"])
+    layers = manifest.get("layers", {})
+    specs = {name: _spec_from(info["spec"], name) for name, info in layers.items()}
     if manifest.get("removed_branches"):
         model = remove_branches(model, manifest["removed_branches"])
     if config is None:
@@ -147,50 +236,94 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         from smallify.quant.ptq import quantize_module
 
         target = quantize_module(model, config, None, progress=False)
-    for name, info in manifest["layers"].items():
+    modules = dict(target.named_modules())
+    for name in layers:
+        if name not in modules:
+            raise ModelError(f"the model has no layer {name!r} that the file holds; is it the same architecture?")
         if isinstance(config, WeightOnly):
-            try:
-                m = target.get_submodule(name)
-            except AttributeError:
-                raise ModelError(f"the model has no layer {name!r} that the file holds; is it the same architecture?") from None
-            qmod.replace_module(target, name, qmod.lookup(m).from_float(m, _spec_from(info["spec"])))
+            m = modules[name]
+            if qmod.lookup(m) is None:
+                raise ModelError(f"layer {name!r} of the model ({type(m).__name__}) has no quantized form; the "
+                                 "file was saved from another architecture")
+            qmod.replace_module(target, name, qmod.lookup(m).from_float(m, specs[name]))
+    modules = dict(target.named_modules())
     state = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             state[key] = f.get_tensor(key)
     for key, shape in manifest.get("sparse", {}).items():
-        count = int(torch.Size(shape).numel())
-        mask = torch.from_numpy(np.unpackbits(state.pop(f"{key}:sparse_mask").numpy())[:count].astype(bool))
-        values = state.pop(f"{key}:sparse_values")
+        count = math.prod(shape)
+        mask, values = state.pop(f"{key}:sparse_mask", None), state.pop(f"{key}:sparse_values", None)
+        if mask is None or values is None:
+            raise ModelError(f"{path}: the manifest lists {key!r} as sparse but the file lacks its mask or values")
+        if mask.dtype != torch.uint8 or mask.ndim != 1 or mask.numel() != (count + 7) // 8:
+            raise ModelError(f"{path}: the mask of {key!r} holds {mask.numel()} {mask.dtype} byte(s); the manifest's "
+                             f"shape {shape} needs {(count + 7) // 8} uint8 bytes")
+        bits = torch.from_numpy(np.unpackbits(mask.numpy())[:count].astype(bool))
+        if values.ndim != 1 or values.numel() != int(bits.sum()) or not values.is_floating_point():
+            raise ModelError(f"{path}: {key!r} has {values.numel()} stored value(s) ({values.dtype}); its mask "
+                             f"marks {int(bits.sum())} nonzero float values")
         dense = torch.zeros(count, dtype=values.dtype)
-        dense[mask] = values
+        dense[bits] = values
         state[key] = dense.reshape(shape)
-    for name, info in manifest["layers"].items():
-        spec = _spec_from(info["spec"])
-        m = target.get_submodule(name)
+    for name, info in layers.items():
+        spec, m = specs[name], modules[name]
         if spec.fmt is None:
             continue
-        scale = state[f"{name}.weight_scale"]
+        shape = info["shape"]
+        if not isinstance(getattr(m, "spec", None), qmod.WeightSpec):
+            raise ModelError(f"{path}: layer {name!r} is stored quantized but the manifest's config "
+                             f"({(manifest['config'] or {}).get('kind')}) leaves it a {type(m).__name__}")
+        scale = _tensor(state, f"{name}.weight_scale", path)
+        if not scale.is_floating_point() or scale.numel() == 0 or not bool(torch.isfinite(scale).all()) \
+                or not bool((scale > 0).all()):
+            raise ModelError(f"{path}: the scale of layer {name!r} ({scale.dtype}, {scale.numel()} value(s)) must "
+                             "be finite positive floats")
+        count = math.prod(shape)
         if isinstance(spec.fmt, FloatFormat):
-            w = state.pop(f"{name}.weight:fp8").to(torch.float32) * qmod.broadcast_param(scale, spec, len(info["shape"]))
+            values = _tensor(state, f"{name}.weight:fp8", path, pop=True)
+            if values.dtype != spec.fmt.torch_dtype or list(values.shape) != shape:
+                raise ModelError(f"{path}: the fp8 weight of layer {name!r} is {values.dtype} {list(values.shape)}; "
+                                 f"the manifest says {spec.fmt.torch_dtype} {shape}")
+            w = values.to(torch.float32) * qmod.broadcast_param(scale, spec, len(shape))
         else:
-            count = int(torch.Size(info["shape"]).numel())
-            values = torch.from_numpy(unpack(state.pop(f"{name}.weight:packed").numpy(), spec.fmt.bits,
-                                             spec.fmt.qmin, count)).reshape(info["shape"])
+            packed = _tensor(state, f"{name}.weight:packed", path, pop=True)
+            need = (count * spec.fmt.bits + 7) // 8
+            if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != need:
+                raise ModelError(f"{path}: the packed weight of layer {name!r} holds {packed.numel()} {packed.dtype} "
+                                 f"value(s); shape {shape} at {spec.fmt.bits} bits needs {need} uint8 bytes")
+            values = torch.from_numpy(unpack(packed.numpy(), spec.fmt.bits, spec.fmt.qmin, count)).reshape(shape)
             if spec.fmt.symmetric:
                 zero = torch.full_like(scale, m.weight_zero_point.flatten()[0].item(), dtype=torch.int32)
             else:
-                zero = torch.from_numpy(unpack(state[f"{name}.weight_zero_point"].numpy(), spec.fmt.bits,
-                                               spec.fmt.qmin, scale.numel())).reshape(scale.shape)
+                zp = _tensor(state, f"{name}.weight_zero_point", path)
+                need = (scale.numel() * spec.fmt.bits + 7) // 8
+                if zp.dtype != torch.uint8 or zp.ndim != 1 or zp.numel() != need:
+                    raise ModelError(f"{path}: the zero points of layer {name!r} hold {zp.numel()} {zp.dtype} "
+                                     f"value(s); {scale.numel()} scale(s) at {spec.fmt.bits} bits need {need} bytes")
+                zero = torch.from_numpy(unpack(zp.numpy(), spec.fmt.bits, spec.fmt.qmin, scale.numel())).reshape(scale.shape)
             state[f"{name}.weight_zero_point"] = zero
             w = dequantize(values, qmod.broadcast_param(scale, spec, values.ndim), qmod.broadcast_param(zero, spec, values.ndim))
+        if list(w.shape) != shape:
+            raise ModelError(f"{path}: the scales of layer {name!r} do not fit its weight of shape {shape}")
         state[f"{name}.weight"] = w
     fit_shapes(target, state)
+    expected = target.state_dict()
+    for key, t in state.items():
+        if key in expected and tuple(t.shape) != tuple(expected[key].shape):
+            raise ModelError(f"{path}: tensor {key!r} has shape {tuple(t.shape)} in the file; the model's is "
+                             f"{tuple(expected[key].shape)}: build the architecture the file was saved from")
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(f"the file does not fit the model: missing {sorted(missing)[:5]}, unexpected "
                          f"{sorted(unexpected)[:5]}; build the same architecture the file was saved from")
     return target.eval()
+
+
+def _tensor(state: dict, key: str, path: Path, pop: bool = False) -> torch.Tensor:
+    if key not in state:
+        raise ModelError(f"{path}: the manifest needs tensor {key!r}, which the file does not hold")
+    return state.pop(key) if pop else state[key]
 
 
 def fit_shapes(model: nn.Module, state: dict) -> None:
