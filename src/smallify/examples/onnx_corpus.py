@@ -207,6 +207,30 @@ class MobileNetish(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MobileNetV3ish(nn.Module):
+    """A MobileNetV3-style network for speed tables: stages of inverted residuals (depthwise 3x3, hard-swish,
+    squeeze-excitation in the later stages) at widths 16/24/40/80, strides 2, for 3x128x128 images."""
+
+    def __init__(self, classes: int = 100):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for width, se in ((16, False), (24, False), (40, True), (80, True)):
+            if width != cin:
+                layers += [nn.Conv2d(cin, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.Hardswish()]
+            layers += [InvertedResidual(width, 4, se), InvertedResidual(width, 4, se)]
+            cin = width
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Conv2d(cin, 256, 1)
+        self.fc = nn.Linear(256, classes)
+
+    def forward(self, x):
+        x = self.blocks(F.hardswish(self.bn(self.stem(x))))
+        x = F.hardswish(self.head(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     """BatchNorm statistics of a trained network (a fresh one folds to all-zero biases)."""
     g = torch.Generator().manual_seed(seed)
@@ -384,6 +408,8 @@ BUILDERS: dict[str, Callable[[Path], CorpusModel]] = {
                                         notes="ReduceMean/Unsqueeze with attribute axes"),
     "mobilenet_se": _torch_model("mobilenet_se", MobileNetish, _IMG, 17, init=_cnn(7),
                                  notes="inverted residuals, depthwise, SE, hard-swish"),
+    "mobilenet_v3ish": _torch_model("mobilenet_v3ish", MobileNetV3ish, {"input": (3, 128, 128)}, 17, init=_cnn(8),
+                                    notes="MobileNetV3-style, 128x128: the speed table's edge CNN", n=64),
     "dynamic_hw": _dynamic_spatial,
     "fixed_batch1": _fixed_batch,
     "external_data": _external_data,

@@ -33,7 +33,7 @@ from smallify.quant.onnx_weights import _onnx_type, quantize_embeddings, quantiz
 from smallify.quant.placement import GNode, choose_scheme, place
 from smallify.quant.report import LayerReport, QuantReport
 
-_KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add",
+_KINDS = {"LayerNormalization": "layernorm", "Softmax": "softmax", "Relu": "relu", "Add": "add", "Mul": "mul",
           "MaxPool": "maxpool", "GlobalAveragePool": "avgpool", "AveragePool": "avgpool", "Flatten": "flatten", "Reshape": "reshape", "Transpose": "transpose",
           "Squeeze": "squeeze", "Unsqueeze": "unsqueeze", "Identity": "identity", "ReduceMean": "avgpool"}
 _FLOAT_LAYERS = {"ConvTranspose", "LSTM", "GRU", "RNN", "ConvInteger", "MatMulInteger", "Einsum"}
@@ -174,7 +174,7 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
         elif node.op_type in _FLOAT_LAYERS:
             reports.append(LayerReport(layer_name(node), node.op_type, "float",
                                        f"{node.op_type} has no INT8 implementation (handled: Conv, Gemm, MatMul)"))
-        if kind == "add" and len(acts) != 2:
+        if kind in ("add", "mul") and len(acts) != 2:
             kind = "other"
         gnodes.append(GNode(layer_name(node, consts), kind, acts, list(node.output), quantize_it))
     return gnodes, {o.name for o in model.graph.output}, reports

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 COMPUTE = {"conv", "linear", "matmul", "act_matmul"}   # a quantized weight; act_matmul: two activations
-INT_OPS = {"add", "avgpool"}              # integer kernels with their own output scale
+INT_OPS = {"add", "mul", "avgpool"}       # integer kernels with their own output scale (QLinearAdd/Mul/...)
 PASS = {"maxpool", "flatten", "reshape", "transpose", "squeeze", "unsqueeze", "identity"}
 ACT = {"relu"}
 

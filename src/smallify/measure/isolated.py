@@ -1,0 +1,74 @@
+"""Latency measured in separate processes: each model timed in its own fresh Python process, models taken in
+turn, several rounds. Timing two ONNX Runtime sessions in one process on a 2-core machine misleads (an idle
+session's threads spin and steal the other's cores): a MobileNet-style INT8 model read 0.59x of FP32 in one
+process and 1.5x in separate ones.
+
+    from smallify.measure.isolated import bench_isolated
+    table = bench_isolated({"fp32": "m.onnx", "int8": "m.int8.onnx"}, batches=(1, 32))
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from smallify.errors import SmallifyError
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def _child(path: str, runtime: str, batch: int, threads: int, seconds: float) -> float:
+    """Median milliseconds of ``path`` at ``batch`` in ``runtime`` (in this process: the caller's child)."""
+    import time
+
+    from smallify.measure.latency import openvino_runner, ort_runner, random_feed
+
+    if runtime == "onnxruntime":
+        run, inputs = ort_runner(path, threads)
+    else:
+        import onnxruntime as ort
+
+        inputs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()
+        run = openvino_runner(path, threads)
+    feed = random_feed(inputs, batch)
+    for _ in range(3):
+        run(feed)
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def time_in_process(path: str | os.PathLike, runtime: str = "onnxruntime", batch: int = 1, threads: int = 2,
+                    seconds: float = 3.0) -> float:
+    """Median latency (ms) of one model, measured in a fresh Python process."""
+    if runtime not in RUNTIMES:
+        raise SmallifyError(f"runtime {runtime!r} is not supported; accepted: {', '.join(RUNTIMES)}")
+    code = ("import json, sys; from smallify.measure.isolated import _child; "
+            "print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), runtime, str(batch), str(threads), str(seconds)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SmallifyError(f"timing {path} in {runtime} failed: {last[:300]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench_isolated(models: dict[str, str | os.PathLike], batches=(1, 32), runtime: str = "onnxruntime",
+                   threads: int = 2, seconds: float = 3.0, rounds: int = 3, progress=None) -> dict[tuple[str, int], float]:
+    """(label, batch) -> median over ``rounds`` of each fresh process's median latency (ms); models alternate
+    within each round so that slow drifts of the machine hit every model alike. ``progress(message)`` is called
+    before each measurement."""
+    runs: dict[tuple[str, int], list[float]] = {}
+    for r in range(rounds):
+        for batch in batches:
+            for label, path in models.items():
+                if progress is not None:
+                    progress(f"round {r + 1}/{rounds}: {label} batch {batch} ({runtime})")
+                runs.setdefault((label, batch), []).append(time_in_process(path, runtime, batch, threads, seconds))
+    return {k: float(np.median(v)) for k, v in runs.items()}
