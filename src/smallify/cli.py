@@ -262,11 +262,14 @@ def prune(
             data = torch.from_numpy(calibration_images(512))
         example = _example_batch(model, input_shape, arrays)
         pruned = prune_verb(net, config, example, data=data)
-        save(pruned, out)
+        from smallify.onnx_io import write_all
+
+        writers = {out: lambda tmp: save(pruned, tmp)}
         if onnx_out is not None:
             from smallify.export.onnx import export_onnx
 
-            export_onnx(pruned, onnx_out, example[:1])
+            writers[onnx_out] = lambda tmp: export_onnx(pruned, tmp, example[:1])
+        write_all(writers)      # both files or neither
     except SmallifyError as e:
         _fail(str(e))
     typer.echo(str(pruned.prune_report))

@@ -82,3 +82,24 @@ def write_atomic(path: str | os.PathLike, write, inputs=()) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_all(writers: dict, inputs=()) -> list[Path]:
+    """Several outputs of one command, all or none: ``writers`` maps each path to ``write(temporary path)``.
+    Every path is checked before anything is written; each output goes to a temporary file beside it, and the
+    files are renamed into place only once every one of them was written (temporary files removed on any
+    failure, Ctrl-C included)."""
+    paths = {check_writable(p, inputs): write for p, write in writers.items()}
+    temps: dict[Path, str] = {}
+    try:
+        for path, write in paths.items():
+            fd, temps[path] = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+            os.close(fd)
+            write(temps[path])
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return list(paths)

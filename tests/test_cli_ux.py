@@ -1,0 +1,63 @@
+"""The command line as a new user meets it: outputs all or none, progress and "wrote" lines on long steps,
+boolean flags in their --x/--no-x form, messages that say what happened (data-free, unmatched --skip,
+groups that did not shrink), and `smallify bench` in separate processes."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from smallify.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+@pytest.fixture
+def tiny_net(tmp_path, monkeypatch):
+    """A user's model by import path (fast to prune) and its weights."""
+    (tmp_path / "tinynet.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(16, 4, 1))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return ["--model", "tinynet:build", "--input-shape", "1,3,8,8"]
+
+
+def test_prune_writes_both_outputs_or_neither(tmp_path, tiny_net, monkeypatch):
+    out, onnx_out = tmp_path / "o.smallify", tmp_path / "o.onnx"
+    # an output that cannot be written: refused before the work, nothing written, one line, no traceback
+    r = run("prune", *tiny_net, "--ratio", "0.5", "--out", out, "--onnx", "/sys/o.onnx")
+    assert r.exit_code == 2 and r.stderr.startswith("smallify: error: cannot write /sys/o.onnx")
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    # the second output fails while it is written: the first one is not left behind either
+    import smallify.export.onnx as export
+    from smallify.errors import ModelError
+
+    def broken(*a, **k):
+        raise ModelError("export failed on purpose")
+    monkeypatch.setattr(export, "export_onnx", broken)
+    r = run("prune", *tiny_net, "--ratio", "0.5", "--out", out, "--onnx", onnx_out)
+    assert r.exit_code == 2 and "export failed on purpose" in r.stderr
+    assert not out.exists() and not onnx_out.exists() and not list(tmp_path.glob(".*"))    # no temp files
+
+
+def test_write_all_is_all_or_none(tmp_path):
+    from smallify.onnx_io import write_all
+
+    def fail(tmp):
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        write_all({tmp_path / "a.bin": lambda t: open(t, "wb").write(b"a"), tmp_path / "b.bin": fail})
+    assert os.listdir(tmp_path) == []
+    write_all({tmp_path / "a.bin": lambda t: open(t, "wb").write(b"a"), tmp_path / "b.bin": lambda t: open(t, "wb").write(b"b")})
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"] and (tmp_path / "b.bin").read_bytes() == b"b"
