@@ -204,7 +204,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                           f"{type(model).__name__}")
     path = Path(path)
     manifest = read_manifest(path)
-    config = _config_from(manifest["config"])
+    config = _config_from(manifest.get("config"))
     try:
         return _rebuild(path, manifest, config, model)
     except SmallifyError:
@@ -273,7 +273,7 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
         shape = info["shape"]
         if not isinstance(getattr(m, "spec", None), qmod.WeightSpec):
             raise ModelError(f"{path}: layer {name!r} is stored quantized but the manifest's config "
-                             f"({(manifest['config'] or {}).get('kind')}) leaves it a {type(m).__name__}")
+                             f"({(manifest.get('config') or {}).get('kind')}) leaves it a {type(m).__name__}")
         scale = _tensor(state, f"{name}.weight_scale", path)
         if not scale.is_floating_point() or scale.numel() == 0 or not bool(torch.isfinite(scale).all()) \
                 or not bool((scale > 0).all()):
