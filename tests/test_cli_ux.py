@@ -61,3 +61,44 @@ def test_write_all_is_all_or_none(tmp_path):
     assert os.listdir(tmp_path) == []
     write_all({tmp_path / "a.bin": lambda t: open(t, "wb").write(b"a"), tmp_path / "b.bin": lambda t: open(t, "wb").write(b"b")})
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"] and (tmp_path / "b.bin").read_bytes() == b"b"
+
+
+def test_boolean_flags_take_no_value():
+    helptext = run("prune", "--help", terminal_width=200).output
+    line = next(l for l in helptext.splitlines() if "--reconstruct" in l)
+    assert "--no-reconstruct" in line and "<bool>" not in line
+    line = next(l for l in run("quantize", "--help", terminal_width=200).output.splitlines() if "--per-tensor" in l)
+    assert "--per-channel" in line and "<bool>" not in line
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path, tiny_net):
+    import smallify as sm
+    import tinynet
+
+    sm.export_onnx(tinynet.build().eval(), tmp_path / "tiny.onnx", torch.randn(1, 3, 8, 8))
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    return tmp_path / "tiny.onnx"
+
+
+def test_data_free_methods_say_so_and_unmatched_skip_warns(tmp_path, tiny_onnx):
+    r = run("quantize", tiny_onnx, "--method", "fp16", "--skip", "nothing*", "--out", tmp_path / "h.onnx")
+    assert r.exit_code == 0, r.output
+    assert "no calibration (data-free)" in r.stdout and "calibrated on 0" not in r.stdout
+    warning = "skip pattern 'nothing*' matches no layer; the layers are named like"
+    assert f"smallify: warning: {warning}" in r.stderr and f"warning: {warning}" in r.stdout
+    r = run("quantize", tiny_onnx, "--calib", tmp_path / "calib.npz", "--skip", "3", "--skip", "nothing*",
+            "--out", tmp_path / "q.onnx")
+    assert r.exit_code == 0 and "float: 3 (skipped by pattern '3')" in r.stdout
+    assert r.stderr.count("warning") == 1 and "skip pattern 'nothing*' matches no layer" in r.stderr
+    r = run("quantize", tiny_onnx, "--calib", tmp_path / "calib.npz", "--out", tmp_path / "q.onnx")
+    assert r.exit_code == 0 and "calibrated on 16 sample(s)" in r.stdout and "warning" not in r.stderr
+
+
+def test_pruning_report_counts_only_groups_that_shrank(tmp_path, tiny_net):
+    r = run("prune", *tiny_net, "--ratio", "0", "--out", tmp_path / "p.smallify")
+    assert r.exit_code == 0, r.output
+    assert "0 group(s) pruned, 1 prunable but unchanged" in r.stdout and "unchanged: 0 (16 channels)" in r.stdout
+    assert "16 -> 16" not in r.stdout
+    r = run("prune", *tiny_net, "--ratio", "0.5", "--out", tmp_path / "p.smallify")
+    assert "1 group(s) pruned\n" in r.stdout and "0: 16 -> 8 channels" in r.stdout

@@ -76,7 +76,8 @@ def quantize(
     eval_fn: Optional[str] = typer.Option(None, "--eval", help="package.module:function taking an .onnx path, "
                                           "returning the metric (higher is better); for --max-drop"),
     skip: list[str] = typer.Option([], "--skip", help="layer name pattern (fnmatch) to keep in float; repeatable"),
-    per_tensor: bool = typer.Option(False, "--per-tensor", help="one weight scale per layer instead of per channel"),
+    per_tensor: bool = typer.Option(False, "--per-tensor/--per-channel", metavar="",     # a flag: no value
+                                    help="one weight scale per layer, or per output channel"),
     calibration: str = typer.Option("minmax", "--calibration",
                                     help="activation range: minmax | percentile | entropy | mse"),
     scheme: str = typer.Option("auto", "--scheme",
@@ -144,6 +145,8 @@ def quantize(
     from smallify.measure import file_size, format_bytes
 
     typer.echo(str(result.plan) if result.plan is not None else str(result.report))
+    for warning in result.report.warnings:
+        typer.echo(f"smallify: warning: {warning}", err=True)
     typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
 
 
@@ -227,7 +230,8 @@ def prune(
     scope: str = typer.Option("layer", "--scope", help="layer (every group) | global (ranked across groups)"),
     ignore: list[str] = typer.Option([], "--ignore", help="layer pattern whose output channels stay; repeatable"),
     round_to: int = typer.Option(1, "--round-to", help="kept channel counts are multiples of this"),
-    reconstruct: bool = typer.Option(False, "--reconstruct", help="refit the next layers by least squares"),
+    reconstruct: bool = typer.Option(False, "--reconstruct/--no-reconstruct", metavar="",
+                                     help="refit the next layers by least squares"),
     branches: int = typer.Option(0, "--branches", help="residual branches removed whole (ranked on --calib)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz of inputs (activation criteria, "
                                          "--reconstruct; default for the example: 512 training images)"),

@@ -108,15 +108,19 @@ class PruneReport:
         return self.macs_after / self.macs_before
 
     def __str__(self) -> str:
-        pruned = [g for g in self.groups if g.get("after") is not None]
+        pruned = [g for g in self.groups if g.get("after") is not None and g["after"] < g["before"]]
+        unchanged = [g for g in self.groups if g.get("after") is not None and g["after"] >= g["before"]]
         lines = [f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
-                 f"{self.params_before:,} -> {self.params_after:,}; {len(pruned)} group(s) pruned"]
+                 f"{self.params_before:,} -> {self.params_after:,}; {len(pruned)} group(s) pruned"
+                 + (f", {len(unchanged)} prunable but unchanged" if unchanged else "")]
         for b in self.branches:
             lines.append(f"  removed branch {b['branch']} ({', '.join(b['layers'])}): output error "
                          f"{b['output_error']:.3f}, MACs saved {b['macs_saved']:.3f} (alone)")
         for g in self.groups:
-            if g.get("after") is not None:
+            if g.get("after") is not None and g["after"] < g["before"]:
                 lines.append(f"  {', '.join(g['producers'])}: {g['before']} -> {g['after']} channels")
+            elif g.get("after") is not None:
+                lines.append(f"  unchanged: {', '.join(g['producers'])} ({g['before']} channels)")
             else:
                 lines.append(f"  kept: {', '.join(g['producers']) or '-'} ({g['frozen']})")
         return "\n".join(lines)

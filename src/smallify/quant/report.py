@@ -1,6 +1,7 @@
 """What quantization did to each layer, for people and for JSON."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field
 
 
@@ -30,13 +31,25 @@ class QuantReport:
     def floating(self) -> dict[str, str]:
         return {l.name: l.reason for l in self.layers if l.status != "quantized"}
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user asked for that did nothing: ``skip`` patterns that match no layer."""
+        skip = self.config.get("skip") or ()
+        names = [l.name for l in self.layers]
+        unmatched = [p for p in skip if not any(l.reason == f"skipped by pattern {p!r}"
+                                                or fnmatch.fnmatchcase(l.name, p) for l in self.layers)]
+        return [f"skip pattern {p!r} matches no layer; the layers are named like "
+                + ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "") for p in unmatched]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "warnings": self.warnings}
 
     def __str__(self) -> str:
         smooth = f" + SmoothQuant alpha {self.smooth_quant:g}" if self.smooth_quant is not None else ""
         lines = [f"scheme: {self.scheme}{smooth}; {len(self.quantized)} layer(s) quantized, {len(self.floating)} left in float; "
-                 f"{self.activations} activation tensor(s) quantized; calibrated on {self.calibration_samples} "
-                 f"sample(s) in {self.calibration_seconds:.1f} s"]
+                 f"{self.activations} activation tensor(s) quantized; "
+                 + (f"calibrated on {self.calibration_samples} sample(s) in {self.calibration_seconds:.1f} s"
+                    if self.calibration_samples else "no calibration (data-free)")]
         lines += [f"  float: {name} ({reason})" for name, reason in self.floating.items()]
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
