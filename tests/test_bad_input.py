@@ -185,6 +185,23 @@ def test_calib_member_is_not_an_array(tmp_path, out_dir, float_onnx):
     quantize_refused(float_onnx, p, out_dir, "'notes.txt', which is not a .npy array")
 
 
+def test_calib_member_with_an_empty_name(tmp_path, out_dir, float_onnx):
+    """Found by fuzzing: zipfile's ZipInfo.is_dir raised IndexError on a member named ''."""
+    import zipfile
+
+    p = tmp_path / "c.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr(zipfile.ZipInfo(""), b"data")
+    quantize_refused(float_onnx, p, out_dir, "holds '', which is not a .npy array")
+
+
+def test_calib_header_numpy_cannot_tokenize(tmp_path, out_dir, float_onnx):
+    """Found by fuzzing: numpy's header parser raised tokenize.TokenError on an unclosed bracket."""
+    header = b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + b"{'descr': '<f4', 'fortran_order': False, 'shape': (4,".ljust(117) + b"\n"
+    p = stored_npy_zip(tmp_path / "c.npz", "input.npy", header, [header], len(header), zlib.crc32(header))
+    quantize_refused(float_onnx, p, out_dir, "has no readable .npy header", "write it again with numpy.savez")
+
+
 def test_calib_corrupt_bytes_fail_the_crc(tmp_path, out_dir, float_onnx, calib):
     p = npz(tmp_path / "c.npz", input=calib.numpy())
     raw = bytearray(p.read_bytes())
@@ -551,10 +568,11 @@ def test_container_header_lies_about_shape(containers, tmp_path):
     (lambda m: m.update(version="1"), "container version '1'; accepted: an integer 1..1"),
     (lambda m: m.update(format="pickle"), "without a smallify manifest"),
     (lambda m: m.update(layers=[1, 2]), "'layers' is not an object of layer records"),
+    (lambda m: m.pop("config"), "is stored quantized but the manifest's config (None) leaves it a Linear"),  # was KeyError
     (lambda m: m.update(removed_branches=[["add", 7]]), "accepted: a list of [residual sum name, 0 or 1] pairs"),
 ], ids=["shape-bigger", "shape-huge", "shape-negative", "bits-99", "bits-str", "fmt", "field-missing",
         "layer-unknown", "config-kind", "config-field", "config-type", "config-str", "version-newer",
-        "version-str", "format", "layers-list", "branches"])
+        "version-str", "format", "layers-list", "no-config", "branches"])
 def test_container_manifest_lies(containers, tmp_path, manifest_edit, message):
     load_refused(edited(containers, tmp_path, "q4.smallify", None, manifest_edit), mlp(), message)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -143,6 +144,11 @@ def load_npz(path: str | os.PathLike, max_samples: int | None = None,
     return arrays
 
 
+# What zipfile and numpy's header parser raise on damaged archives (found by fuzzing, benchmarks/fuzz_loaders.py).
+_ZIP_FAULTS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError, RuntimeError,
+               struct.error, KeyError, IndexError, OverflowError)
+
+
 class _open_npz:
     """``with _open_npz(path) as (zipfile, {array name: ZipInfo})``: every archive fault becomes a DataError."""
 
@@ -157,11 +163,11 @@ class _open_npz:
             raise DataError(f"calibration path {path} is not a file; give a .npz file")
         try:
             self.zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        except _ZIP_FAULTS as e:
             raise DataError(f"{path} is not a readable .npz file ({_why(e)}); write it with numpy.savez") from None
         members = {}
         for info in self.zf.infolist():
-            if info.is_dir():
+            if info.filename.endswith("/"):          # a folder entry (ZipInfo.is_dir fails on an empty name)
                 continue
             if not info.filename.endswith(".npy"):
                 self.zf.close()
@@ -194,8 +200,7 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
             else:
                 raise ValueError(f"npy format version {version} is not supported (1.0, 2.0)")
             offset = f.tell()
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
-            SyntaxError, TypeError) as e:
+    except Exception as e:   # numpy parses the header with tokenize + ast: TokenError, RecursionError, ... (fuzzing)
         raise DataError(f"calibration array {key!r} in {path} has no readable .npy header ({_why(e)}); write it "
                         "again with numpy.savez (plain float, integer or bool arrays)") from None
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf" or dtype.itemsize == 0:
@@ -227,7 +232,7 @@ def _read_member(zf, info, offset: int, need: int, key: str, path: Path) -> np.n
                     break
                 out[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
                 done += len(chunk)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
+    except _ZIP_FAULTS as e:
         raise DataError(f"calibration array {key!r} in {path} cannot be read ({_why(e)}); "
                         "the file is corrupt: write it again with numpy.savez") from None
     if done < need:
