@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
+from smallify.config import check_config
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
 from smallify.quant.dynamic import Int8Dynamic
@@ -59,10 +60,7 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
     * path to an ``.onnx`` file or an ``onnx.ModelProto``: returns ``QuantizedONNX``; writes ``out`` if given.
       ``data`` may also be the path of a .npz file (one array per model input).
     """
-    config = Int8Static() if config is None else config
-    if not isinstance(config, CONFIGS):
-        raise ConfigError(f"config of type {type(config).__name__} is not supported here; accepted: "
-                          f"{', '.join(c.__name__ for c in CONFIGS)}")
+    config = check_config(config, CONFIGS, "quantize") or Int8Static()
     static = isinstance(config, Int8Static)
     if static and data is None:
         raise DataError(f"{type(config).__name__} calibrates activations on data: pass data= (an iterable of "

@@ -14,11 +14,25 @@ def check_choice(name: str, value: Any, accepted: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
 
 
+def check_config(config: Any, accepted: type | tuple[type, ...], verb: str, argument: str = "config") -> Any:
+    """Every verb's check of what it is handed: ``config`` unchanged when it is one of ``accepted`` (or None:
+    the verb's default), else a ConfigError naming the accepted types and, for a config of another verb, where
+    it belongs."""
+    accepted = accepted if isinstance(accepted, tuple) else (accepted,)
+    if config is None or isinstance(config, accepted):
+        return config
+    names = ", ".join(c.__name__ for c in accepted)
+    got = type(config).__name__
+    hint = f" ({got} configures {', '.join(config.verbs)})" if isinstance(config, Config) and config.verbs else ""
+    raise ConfigError(f"{verb}() takes {argument} of type {names}; got {got}{hint}")
+
+
 @dataclasses.dataclass
 class Config:
     """A method's settings. Subclasses are dataclasses; ``kind`` names them in files."""
 
     kind: ClassVar[str] = "config"
+    verbs: ClassVar[tuple[str, ...]] = ()     # the smallify verbs that take it, for messages
 
     def to_dict(self) -> dict[str, Any]:
         out = {"kind": self.kind, "schema_version": SCHEMA_VERSION}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallify import onnx_io
-from smallify.config import Config, check_choice
+from smallify.config import Config, check_choice, check_config
 from smallify.errors import ConfigError, DataError, ModelError, SmallifyError
 from smallify.progress import track
 
@@ -40,6 +40,7 @@ class TrainConfig(Config):
     'cosine' (to zero over all steps, after ``warmup_steps`` of linear warm-up) | 'constant'."""
 
     kind = "train"
+    verbs = ("train", "qat", "distill (as train_config=)", "prune_gradually (as train_config=)")
     epochs: float = 1.0
     lr: float = 1e-3
     optimizer: str = "adamw"
@@ -94,6 +95,19 @@ class TrainResult:
     history: list[dict]           # one entry per epoch: epoch, loss, metric (if eval_fn), seconds
     steps: int
     resumed_from: int | None      # the global step a checkpoint resumed from
+
+    @property
+    def report(self) -> "TrainResult":      # the one report attribute every verb's result has
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"{self.steps} step(s)" + (f", resumed from step {self.resumed_from}" if self.resumed_from else "")]
+        for h in self.history:
+            lines.append("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items()))
+        return "\n".join(lines)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -175,7 +189,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, 
     """Fine-tune ``model`` in place on ``data``; see the module docstring. ``loss_fn(output, target, inputs)``
     (default cross-entropy); ``params``: what to optimize (default every parameter that requires grad);
     ``on_step(step, total)``: called before every step (sparsity schedules)."""
-    cfg = config or TrainConfig()
+    cfg = check_config(config, TrainConfig, "train") or TrainConfig()
     if not isinstance(data, TrainData):
         raise DataError(f"training data of type {type(data).__name__} is not supported; accepted: "
                         "smallify.TrainData(x, y, batch_size) (reproducible order, so that runs can resume)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smallify.config import Config
+from smallify.config import Config, check_config
 from smallify.errors import ConfigError, ModelError
 from smallify.train import TrainConfig, TrainData, train
 
@@ -26,6 +26,7 @@ class KD(Config):
     themselves (embedding models)."""
 
     kind = "kd"
+    verbs = ("distill",)
     temperature: float = 4.0
     alpha: float = 0.9
     features: dict = dataclasses.field(default_factory=dict)
@@ -78,7 +79,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: TrainData, config: KD 
             train_config: TrainConfig | None = None, eval_fn: Callable | None = None,
             checkpoint: str | os.PathLike | None = None, progress: bool = True) -> nn.Module:
     """Train ``student`` (in place) to mimic ``teacher`` on ``data``; returns the student with ``train_history``."""
-    config = config or KD()
+    config = check_config(config, KD, "distill") or KD()
+    check_config(train_config, TrainConfig, "distill", "train_config")
     if not isinstance(data, TrainData):
         from smallify.errors import DataError
 
@@ -129,5 +131,5 @@ def distill(student: nn.Module, teacher: nn.Module, data: TrainData, config: KD 
         for h in (s_feats, t_feats):
             if h is not None:
                 h.close()
-    student.train_history = result.history
+    student.train_history, student.report = result.history, result
     return student.eval()

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smallify.config import Config
+from smallify.config import Config, check_config
+from smallify.report import attach
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_macs, count_params
 from smallify.prune.branches import choose_branches, remove_branches
@@ -45,6 +46,7 @@ class ChannelPrune(Config):
     per-layer overhead, which narrower layers keep."""
 
     kind = "channel_prune"
+    verbs = ("prune",)
     ratio: float = 0.5
     scope: str = "layer"
     importance: str = "l2"
@@ -106,6 +108,9 @@ class PruneReport:
     @property
     def macs_ratio(self) -> float:
         return self.macs_after / self.macs_before
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         pruned = [g for g in self.groups if g.get("after") is not None and g["after"] < g["before"]]
@@ -334,7 +339,7 @@ def apply(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.Tensor
 
 def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=None, data=None) -> nn.Module:
     """A copy of ``model`` with the lowest-importance channels removed; ``prune_report`` says what changed."""
-    config = config or ChannelPrune()
+    config = check_config(config, ChannelPrune, "prune") or ChannelPrune()
     if example_inputs is None:
         raise DataError("prune needs example_inputs (a batch the model accepts) to trace shapes")
     start = time.perf_counter()
@@ -367,9 +372,9 @@ def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=N
             entry["frozen"] = g.frozen or "no producing layer"
         if g.producers:
             report_groups.append(entry)
-    model.prune_report = PruneReport(config.to_dict(), report_groups, macs0, count_macs(model, example_inputs),
-                                     params0, count_params(model), time.perf_counter() - start, removed)
-    return model
+    report = PruneReport(config.to_dict(), report_groups, macs0, count_macs(model, example_inputs),
+                         params0, count_params(model), time.perf_counter() - start, removed)
+    return attach(model, report, "prune_report")
 
 
 def _capture_inputs(model, graph: DependencyGraph, keep, data):

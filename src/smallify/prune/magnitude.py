@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from smallify.config import Config
+from smallify.config import Config, check_config
 from smallify.errors import ConfigError, ModelError
 
 
@@ -25,6 +25,7 @@ class Unstructured(Config):
     weights, N are kept) instead; ``ignore``: fnmatch patterns of layers left dense."""
 
     kind = "unstructured"
+    verbs = ("sparsify", "prune_gradually")
     sparsity: float = 0.5
     scope: str = "global"
     pattern: str | None = None
@@ -108,7 +109,7 @@ def set_masks(model: nn.Module, config: Unstructured, sparsity: float | None = N
 
 def sparsify(model: nn.Module, config: Unstructured | None = None, inplace: bool = False) -> nn.Module:
     """Attach magnitude masks to every Conv2d/Linear weight (not ignored) at ``config.sparsity``."""
-    config = config or Unstructured()
+    config = check_config(config, Unstructured, "sparsify") or Unstructured()
     model = model if inplace else copy.deepcopy(model)
     layers = _layers(model, config.ignore)
     if not layers:
@@ -166,8 +167,10 @@ def prune_gradually(model: nn.Module, config: Unstructured, data, train_config=N
     run (cubic schedule), the masks recomputed every ``update_every`` steps (default: derived from the run's
     length, about 16 updates; see ``schedule_interval``), then held while the model recovers. Returns the
     model with its masks folded in (``finalize``), ``train_history`` and ``sparsity_schedule`` set."""
-    from smallify.train import train
+    from smallify.train import TrainConfig, train
 
+    check_config(config, Unstructured, "prune_gradually")
+    check_config(train_config, TrainConfig, "prune_gradually", "train_config")
     model = sparsify(model, dataclasses.replace(config, sparsity=0.0) if config.nm is None else config)
     model.sparsity_config = config
     schedule: dict = {}
@@ -183,7 +186,7 @@ def prune_gradually(model: nn.Module, config: Unstructured, data, train_config=N
 
     result = train(model, data, train_config, loss_fn, eval_fn, checkpoint, progress, on_step=on_step)
     finalize(model)
-    model.train_history = result.history
+    model.train_history, model.report = result.history, result
     model.sparsity_schedule = schedule
     return model
 

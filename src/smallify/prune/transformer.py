@@ -15,7 +15,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from smallify.config import Config
+from smallify.config import Config, check_config
+from smallify.report import attach
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_params
 
@@ -26,6 +27,7 @@ class AttentionPrune(Config):
     (each in [0, 1)), ranked by ``importance`` ('l2' or 'activation', which needs data)."""
 
     kind = "attention_prune"
+    verbs = ("prune_attention",)
     head_ratio: float = 0.33
     ffn_ratio: float = 0.33
     importance: str = "activation"
@@ -93,7 +95,7 @@ def _activation_stats(model, blocks, data):
 
 def prune_attention(model: nn.Module, config: AttentionPrune | None = None, data=None) -> nn.Module:
     """A copy of ``model`` with heads and FFN neurons removed; ``prune_report`` lists each layer."""
-    config = config or AttentionPrune()
+    config = check_config(config, AttentionPrune, "prune_attention") or AttentionPrune()
     model = copy.deepcopy(model).eval()
     params0 = count_params(model)
     blocks = find_blocks(model)
@@ -135,8 +137,26 @@ def prune_attention(model: nn.Module, config: AttentionPrune | None = None, data
         _replace(model, b.up, up)
         _replace(model, b.down, down)
         report.append({"layer": b.name, "heads": [heads, keep_heads], "ffn": [n_ffn, keep_ffn]})
-    model.prune_report = {"config": config.to_dict(), "layers": report, "params": [params0, count_params(model)]}
-    return model
+    return attach(model, AttentionPruneReport(config.to_dict(), report, [params0, count_params(model)]), "prune_report")
+
+
+@dataclasses.dataclass
+class AttentionPruneReport:
+    config: dict
+    layers: list[dict]            # per block: {"layer", "heads": [before, after], "ffn": [before, after]}
+    params: list[int]             # [before, after]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str):          # the older dict form: report["layers"]
+        return getattr(self, key)
+
+    def __str__(self) -> str:
+        lines = [f"params {self.params[0]:,} -> {self.params[1]:,} ({self.params[1] / self.params[0]:.3f}x)"]
+        lines += [f"  {l['layer']}: heads {l['heads'][0]} -> {l['heads'][1]}, FFN {l['ffn'][0]} -> {l['ffn'][1]}"
+                  for l in self.layers]
+        return "\n".join(lines)
 
 
 def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:

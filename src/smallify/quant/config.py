@@ -77,6 +77,7 @@ class Int8Static(Config):
     """
 
     kind = "int8_static"
+    verbs = ("quantize",)
     calibration: str = "minmax"
     percentile: float = 99.99
     per_channel: bool = True
@@ -177,6 +178,7 @@ class WeightOnly(Config):
     'float'); ``skip``: patterns left in float."""
 
     kind = "weight_only"
+    verbs = ("quantize",)
     bits: int = 4
     group_size: int | str | None = "auto"
     symmetric: bool = True
@@ -215,6 +217,7 @@ class Float16(Config):
     bytes) with a Cast to float32 in front of the layer, as OpenVINO's compressed-FP16 models do."""
 
     kind = "float16"
+    verbs = ("quantize",)
     dtype: str = "fp16"
     layers: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ()

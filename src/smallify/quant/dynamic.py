@@ -32,6 +32,7 @@ class Int8Dynamic(Config):
     fnmatch patterns of layers kept in float."""
 
     kind = "int8_dynamic"
+    verbs = ("quantize",)
     per_channel: bool = True
     skip: tuple[str, ...] = ()
 
@@ -71,7 +72,7 @@ def dynamic_module(model: nn.Module, config: Int8Dynamic) -> nn.Module:
         qmod.replace_module(model, name, DynamicQuantLinear.from_float(m, qmod.WeightSpec(INT8_WEIGHT, config.per_channel)))
         reports.append(LayerReport(name, "Linear", "quantized", "int8 weights, dynamic uint8 activations"))
     model.quant_config = config
-    model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, "dynamic")
+    model.quant_report = model.report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, "dynamic")
     return model
 
 

@@ -82,6 +82,9 @@ class Plan:
     evaluations: int
     bits: dict[str, int | str]
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def __str__(self) -> str:
         lines = [f"mixed precision: metric {self.metric:.4f} (float {self.reference:.4f}, all-INT8 "
                  f"{self.int8_metric:.4f}); weights {self.size_ratio:.3f}x the all-INT8 bytes; "
@@ -221,7 +224,7 @@ def mixed_module(model, config: MixedPrecision, data, eval_fn=None, progress: bo
     gm.quant_report.layers = [LayerReport(r.name, r.op, "float" if reasons.get(r.name, ("",))[0] == "float" else r.status,
                                           " — ".join(x for x in reasons[r.name] if x) if r.name in reasons else r.reason)
                               for r in gm.quant_report.layers]
-    gm.mixed_plan = plan
+    gm.mixed_plan = gm.quant_report.plan = plan
     return gm
 
 
@@ -300,5 +303,5 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
 
         plan = search(layers, evaluate, reference, config, progress)
     proto, report = quantize_onnx(model, config.base(plan.bits), data, out, False, cache)
-    report.config = config.to_dict()
+    report.config, report.plan = config.to_dict(), plan
     return proto, report, plan

@@ -165,8 +165,8 @@ def quantize_module(model: nn.Module, config: Int8Static, data, progress: bool =
     for t, src in placement.shared.items():
         gm.act_quant[t].set_qparams(gm.act_quant[src].scale, gm.act_quant[src].zero_point)
     gm.quant_config, gm.input_names = config, names
-    gm.quant_report = QuantReport(config.to_dict(), reports, len(placement.tensors()), samples,
-                                  time.perf_counter() - start, scheme)
+    gm.quant_report = gm.report = QuantReport(config.to_dict(), reports, len(placement.tensors()), samples,
+                                              time.perf_counter() - start, scheme)
     return gm.eval()
 
 
@@ -224,6 +224,6 @@ def quantize_untraced(model: nn.Module, config: Int8Static, data, progress: bool
         for q in quantizers:
             q.freeze()
     model.quant_config, model.input_names = config, names
-    model.quant_report = QuantReport(config.to_dict(), reports, len(quantizers), samples,
-                                     time.perf_counter() - start, "transformer")
+    model.quant_report = model.report = QuantReport(config.to_dict(), reports, len(quantizers), samples,
+                                                    time.perf_counter() - start, "transformer")
     return model.eval()

@@ -13,6 +13,7 @@ from typing import Callable
 
 from torch import nn
 
+from smallify.config import check_config
 from smallify.errors import ModelError
 from smallify.quant import modules as qmod
 from smallify.train import TrainConfig, TrainData, train
@@ -48,7 +49,7 @@ def qat(qmodel: nn.Module, data: TrainData, config: TrainConfig | None = None, l
             m.make_scale_learnable()
     for p in qmodel.parameters():
         p.requires_grad_(True)
-    config = config or TrainConfig(epochs=1, lr=1e-4, optimizer="adamw")
+    config = check_config(config, TrainConfig, "qat") or TrainConfig(epochs=1, lr=1e-4, optimizer="adamw")
     try:
         result = train(qmodel, data, config, loss_fn, eval_fn, checkpoint, progress)
     finally:

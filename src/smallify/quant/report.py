@@ -22,6 +22,7 @@ class QuantReport:
     calibration_seconds: float = 0.0
     scheme: str = "cnn"           # the placement used ('cnn' or 'transformer'), chosen from the graph when 'auto'
     smooth_quant: float | None = None   # SmoothQuant alpha applied, if any
+    plan: object = None                 # MixedPrecision: the searched per-layer plan (quant.mixed.Plan)
 
     @property
     def quantized(self) -> list[str]:
@@ -52,4 +53,6 @@ class QuantReport:
                     if self.calibration_samples else "no calibration (data-free)")]
         lines += [f"  float: {name} ({reason})" for name, reason in self.floating.items()]
         lines += [f"  warning: {w}" for w in self.warnings]
+        if self.plan is not None:
+            lines.append(str(self.plan))
         return "\n".join(lines)

@@ -93,7 +93,8 @@ def weight_only_module(model: nn.Module, config: WeightOnly) -> nn.Module:
         reports.append(LayerReport(name, type(m).__name__, "quantized", spec.describe()))
     reports += unhandled_layers(model, "weight-only")
     model.quant_config = config
-    model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "weight-only")
+    model.quant_report = model.report = QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start,
+                                                    "weight-only")
     return model
 
 
@@ -109,7 +110,7 @@ def half_module(model: nn.Module, config: Float16) -> nn.Module:
             reports.append(LayerReport(name, type(m).__name__, "float", "not selected by layers/skip"))
     reports += unhandled_layers(model, config.dtype)
     model.quant_config = config
-    model.quant_report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, config.dtype)
+    model.quant_report = model.report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, config.dtype)
     return model
 
 
