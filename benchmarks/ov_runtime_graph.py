@@ -26,6 +26,9 @@ def kernels(path: str, threads: int = 2) -> collections.Counter:
 
 
 def main(paths: list[str]) -> None:
+    from smallify.measure.machine import cpu_summary
+
+    print(cpu_summary())         # the kernels and precisions chosen depend on the CPU (AMX: BF16 by default)
     counts = {p: kernels(p) for p in paths}
     keys = sorted(set().union(*counts.values()))
     print("kernel".ljust(28) + "".join(p.split("/")[-1][:24].rjust(26) for p in paths))

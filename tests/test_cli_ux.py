@@ -102,3 +102,72 @@ def test_pruning_report_counts_only_groups_that_shrank(tmp_path, tiny_net):
     assert "16 -> 16" not in r.stdout
     r = run("prune", *tiny_net, "--ratio", "0.5", "--out", tmp_path / "p.smallify")
     assert "1 group(s) pruned\n" in r.stdout and "0: 16 -> 8 channels" in r.stdout
+
+
+def test_bench_isolated_by_default_has_a_row_per_model_and_batch(tmp_path, tiny_onnx):
+    import shutil
+
+    other = tmp_path / "tiny_copy.onnx"
+    shutil.copy(tiny_onnx, other)
+    r = run("bench", tiny_onnx, other, "--budget", "0.3", "--batch", "1", "--batch", "2", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    assert "each model in its own process, 3 rounds" in r.stdout and f"wrote {tmp_path / 'b.json'}" in r.stdout
+    assert "CPU: " in r.stdout and "AVX-512 VNNI" in r.stdout
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert [row["name"] for row in doc["rows"]] == ["tiny.onnx", "tiny_copy.onnx"]
+    for row in doc["rows"]:
+        assert sorted(row["latency_ms"]) == ["1", "2"]
+        assert all(v["median"] > 0 and v["p90"] >= v["median"] * 0.999 for v in row["latency_ms"].values())
+    assert set(doc["cpu"]["isa"]) == {"AMX", "AVX-512 VNNI", "AVX-512 BF16"}
+    r = run("bench", tiny_onnx, tiny_onnx, "--no-isolate", "--budget", "0.2", "--batch", "1")
+    assert r.exit_code == 0 and "interleaved in one process" in r.stdout
+    assert "tiny.onnx #2" in r.stdout                       # the same file twice: two rows
+
+
+def test_bench_refuses_an_unwritable_json_before_timing(tiny_onnx):
+    r = run("bench", tiny_onnx, "--json", "/sys/b.json")
+    assert r.exit_code == 2 and r.stderr.startswith("smallify: error: cannot write /sys/b.json")
+
+
+def test_narrow_tables_keep_model_names_whole():
+    from rich.console import Console
+
+    from smallify.bench import Row, print_table
+
+    rows = [Row(name, 1000, {1: {"median": 1.0, "p90": 2.0}}) for name in
+            ("resnet18.float32.baseline.onnx", "resnet18.float32.pruned.onnx")]
+    console = Console(width=60, record=True)
+    print_table(rows, "t", console)
+    cells = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
+    text = "".join(cells)
+    assert "resnet18.float32.baseline.onnx" in text and "resnet18.float32.pruned.onnx" in text
+    assert "…" not in console.export_text()
+
+
+def test_cpu_summary_names_the_isa_that_matters():
+    from smallify.measure.machine import cpu_info, cpu_summary
+
+    text = "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+    assert cpu_info(text)["isa"] == {"AMX": False, "AVX-512 VNNI": True, "AVX-512 BF16": True}
+    assert cpu_summary(text).startswith("CPU: AMD EPYC 9R14 96-Core Processor, ")
+    assert cpu_summary(text).endswith("; AMX no, AVX-512 VNNI yes, AVX-512 BF16 yes")
+    spr = "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    assert cpu_summary(spr).endswith("AMX yes, AVX-512 VNNI yes, AVX-512 BF16 yes")
+
+
+def test_sessions_timed_in_turn_do_not_spin(tiny_onnx, monkeypatch):
+    import onnxruntime as ort
+
+    from smallify.measure.latency import ort_runner
+
+    entries = {}
+    real = ort.SessionOptions.add_session_config_entry
+
+    class Recording(ort.SessionOptions):
+        def add_session_config_entry(self, key, value):
+            entries[key] = value
+            return real(self, key, value)
+    monkeypatch.setattr(ort, "SessionOptions", Recording)
+    run_model, inputs = ort_runner(tiny_onnx, 2)
+    assert entries == {"session.intra_op.allow_spinning": "0"}
+    assert run_model({inputs[0].name: np.zeros((1, 3, 8, 8), np.float32)}).shape == (1, 4, 6, 6)

@@ -352,17 +352,26 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON"),
     runtime: list[str] = typer.Option(["onnxruntime"], "--runtime",
                                       help="onnxruntime | openvino; repeat to time both side by side"),
+    isolate: bool = typer.Option(True, "--isolate/--no-isolate", metavar="",
+                                 help="time each model in a fresh process of its own, models alternating, 3 "
+                                 "rounds; or all sessions interleaved in one process (can mislead)"),
 ):
-    """Size on disk and latency (median, p90) of ONNX models, interleaved in one run."""
+    """Size on disk and latency (median, p90) of ONNX models, measured side by side."""
     from smallify.bench import bench_onnx_files, print_table, write_json
+    from smallify.onnx_io import check_writable
 
     try:
-        rows = bench_onnx_files([str(m) for m in models], batch, threads, budget, tuple(runtime))
+        if json_out:
+            check_writable(json_out, models)
+        rows = bench_onnx_files([str(m) for m in models], batch, threads, budget, tuple(runtime), isolate=isolate,
+                                progress=sys.stderr.isatty())
     except SmallifyError as e:
         _fail(str(e))
-    print_table(rows, f"{' + '.join(runtime)} CPU, {threads} thread(s); ratios to the first row")
+    how = "each model in its own process, 3 rounds" if isolate else "interleaved in one process"
+    print_table(rows, f"{' + '.join(runtime)} CPU, {threads} thread(s), {how}; ratios to the first row")
     if json_out:
         write_json(rows, json_out)
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()

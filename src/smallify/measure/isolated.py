@@ -20,43 +20,25 @@ from smallify.errors import SmallifyError
 RUNTIMES = ("onnxruntime", "openvino")
 
 
-def _child(path: str, runtime: str, batch: int, threads: int, seconds: float) -> float:
-    """Median milliseconds of ``path`` at ``batch`` in ``runtime`` (in this process: the caller's child)."""
-    import time
-
-    from smallify.measure.latency import openvino_runner, ort_runner, random_feed
-
-    if runtime == "onnxruntime":
-        run, inputs = ort_runner(path, threads)
-    else:
-        import onnxruntime as ort
-
-        inputs = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()
-        run = openvino_runner(path, threads)
-    feed = random_feed(inputs, batch)
-    for _ in range(3):
-        run(feed)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 5:
-        t = time.perf_counter()
-        run(feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
 def time_in_process(path: str | os.PathLike, runtime: str = "onnxruntime", batch: int = 1, threads: int = 2,
                     seconds: float = 3.0) -> float:
     """Median latency (ms) of one model, measured in a fresh Python process."""
+    return stats_in_process(path, runtime, batch, threads, seconds)["median_ms"]
+
+
+def stats_in_process(path: str | os.PathLike, runtime: str = "onnxruntime", batch: int = 1, threads: int = 2,
+                     seconds: float = 3.0) -> dict:
+    """{'median_ms', 'p90_ms', 'runs'} of one model, measured in a fresh Python process that imports only
+    numpy and the runtime (measure/child_timer.py, run by path: no smallify or torch start-up)."""
     if runtime not in RUNTIMES:
         raise SmallifyError(f"runtime {runtime!r} is not supported; accepted: {', '.join(RUNTIMES)}")
-    code = ("import json, sys; from smallify.measure.isolated import _child; "
-            "print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))))")
-    proc = subprocess.run([sys.executable, "-c", code, str(path), runtime, str(batch), str(threads), str(seconds)],
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child_timer.py")
+    proc = subprocess.run([sys.executable, child, str(path), runtime, str(batch), str(threads), str(seconds)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SmallifyError(f"timing {path} in {runtime} failed: {last[:300]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_isolated(models: dict[str, str | os.PathLike], batches=(1, 32), runtime: str = "onnxruntime",

@@ -32,8 +32,12 @@ def has_fp8_activations(path: str | os.PathLike) -> bool:
     return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in fp8 for n in model.graph.node)
 
 
-def ort_runner(path: str | os.PathLike, threads: int = 2) -> tuple[Callable, list]:
-    """An ONNX Runtime CPU session; returns ``run(feed)`` and the session's inputs."""
+def ort_runner(path: str | os.PathLike, threads: int = 2, spinning: bool = False) -> tuple[Callable, list]:
+    """An ONNX Runtime CPU session; returns ``run(feed)`` and the session's inputs. Intra-op spinning is off
+    unless ``spinning``: these sessions are timed in turn with others (``bench_interleaved``, ``smallify
+    bench``, the demo, the benchmarks), and a session whose worker threads keep spinning after its block steals
+    the cores from the next one (2 cores: a sub-millisecond model's pruned/unpruned ratio read 0.36 in one
+    timing and 1.61 in the next with spinning on; 0.66-0.69 three times with it off)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -41,6 +45,7 @@ def ort_runner(path: str | os.PathLike, threads: int = 2) -> tuple[Callable, lis
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if has_fp8_activations(path):
         # ORT 1.31's MatMulIntegerToFloat fusion takes FP8 QuantizeLinear for an integer one and fails to load
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -78,7 +83,8 @@ def bench_interleaved(runners: dict[str, Callable], feeds: dict[str, dict], warm
                       block_s: float = 0.3) -> dict[str, LatencyStats]:
     """Time every runner on its feed, in rounds: each round gives every runner one block (``warmup`` untimed
     calls, then timed calls for ``block_s``). Blocks rather than single calls, because runtimes' worker threads
-    spin for a while after a call and would steal the cores from whichever runner comes next. Stops after
+    spin for a while after a call and would steal the cores from whichever runner comes next (ONNX Runtime
+    sessions from ``ort_runner`` have intra-op spinning turned off for the same reason). Stops after
     ``budget_s`` once every runner has ``min_runs`` timed calls, or at ``max_runs`` calls each. (``max_runs``
     used to be 400: a 0.2 ms model then got one block in all, and per-session bias decided its batch-1 ratio.)"""
     times: dict[str, list[float]] = {name: [] for name in runners}
