@@ -27,12 +27,30 @@ def check_config(config: Any, accepted: type | tuple[type, ...], verb: str, argu
     raise ConfigError(f"{verb}() takes {argument} of type {names}; got {got}{hint}")
 
 
+REGISTRY: dict[str, type["Config"]] = {}     # kind -> config class; every Config subclass that names a kind
+
+
+def config_from_dict(d: dict[str, Any], verb: str | None = None) -> "Config":
+    """The config that ``d`` describes (as ``to_dict`` wrote it), its class found by ``kind`` in the registry;
+    ``verb``: accept only the configs of that verb (e.g. 'quantize')."""
+    kinds = {k: c for k, c in REGISTRY.items() if verb is None or verb in c.verbs}
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in kinds:
+        raise ConfigError(f"unknown config kind {kind!r}; accepted: {sorted(kinds)}")
+    return kinds[kind].from_dict(d)
+
+
 @dataclasses.dataclass
 class Config:
     """A method's settings. Subclasses are dataclasses; ``kind`` names them in files."""
 
     kind: ClassVar[str] = "config"
     verbs: ClassVar[tuple[str, ...]] = ()     # the smallify verbs that take it, for messages
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            REGISTRY[cls.kind] = cls
 
     def to_dict(self) -> dict[str, Any]:
         out = {"kind": self.kind, "schema_version": SCHEMA_VERSION}

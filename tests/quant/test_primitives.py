@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smallify.errors import ConfigError
+from smallify.errors import ConfigError, ModelError
 from smallify.quant.primitives import (INT8_WEIGHT, UINT8_ACT, IntFormat, compute_qparams, dequantize,
                                        fake_quantize, quantize, sqnr_db, weight_qparams)
 
@@ -77,7 +77,7 @@ def test_fake_quantize_straight_through_gradient():
 
 
 def test_nan_weights_are_rejected():
-    with pytest.raises(ConfigError, match="NaN or Inf"):
+    with pytest.raises(ModelError, match="NaN or Inf"):       # a model problem, as on the ONNX path
         weight_qparams(torch.tensor([1.0, float("nan")]))
 
 

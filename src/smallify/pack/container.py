@@ -177,16 +177,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def _config_from(d: dict | None):
-    from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
-    from smallify.quant.dynamic import Int8Dynamic
+    """The manifest's config, its class found by kind in the config registry (``smallify.config``): every
+    config of ``quantize``."""
+    from smallify.config import REGISTRY, config_from_dict
 
     if d is None:
         return None
-    kinds = {c.kind: c for c in (Int8Static, FP8Static, Int8Dynamic, WeightOnly, Float16)}
+    kinds = sorted(k for k, c in REGISTRY.items() if "quantize" in c.verbs)
     if d.get("kind") not in kinds:
-        raise ModelError(f"unknown config kind {d.get('kind')!r} in the manifest; accepted: {sorted(kinds)}")
+        raise ModelError(f"unknown config kind {d.get('kind')!r} in the manifest; accepted: {kinds}")
     try:
-        return kinds[d["kind"]].from_dict(d)
+        return config_from_dict(d, "quantize")
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:   # ConfigError included
         raise ModelError(f"the manifest's {d['kind']} config is invalid: {_first_line(e)}") from None
 

@@ -28,6 +28,7 @@ from smallify.report import attach
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_macs, count_params
 from smallify.prune.branches import choose_branches, remove_branches
+from smallify.progress import track
 from smallify.prune.graph import DependencyGraph, Group, build
 
 CRITERIA = ("l2", "l1", "bn_scale", "taylor", "activation", "apoz")
@@ -337,8 +338,10 @@ def apply(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.Tensor
     return model
 
 
-def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=None, data=None) -> nn.Module:
-    """A copy of ``model`` with the lowest-importance channels removed; ``prune_report`` says what changed."""
+def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=None, data=None,
+          progress: bool = False) -> nn.Module:
+    """A copy of ``model`` with the lowest-importance channels removed; ``prune_report`` says what changed.
+    ``progress``: progress bars for the long steps (capturing layer inputs, least-squares reconstruction)."""
     config = check_config(config, ChannelPrune, "prune") or ChannelPrune()
     if example_inputs is None:
         raise DataError("prune needs example_inputs (a batch the model accepts) to trace shapes")
@@ -355,10 +358,10 @@ def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=N
     crit = config.importance if isinstance(config.importance, str) else None
     stats = collect_stats(graph, crit, data) if crit in NEEDS_DATA else {}
     keep = choose(graph, config, stats)
-    recon = _capture_inputs(model, graph, keep, data) if config.reconstruct else None
+    recon = _capture_inputs(model, graph, keep, data, progress) if config.reconstruct else None
     apply(model, graph, keep)
     if recon is not None:
-        _reconstruct(model, recon)
+        _reconstruct(model, recon, progress=progress)
     for m in model.modules():
         for attr in ("_smallify_kept_in", "_smallify_kept_out"):
             if hasattr(m, attr):
@@ -377,7 +380,7 @@ def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=N
     return attach(model, report, "prune_report")
 
 
-def _capture_inputs(model, graph: DependencyGraph, keep, data):
+def _capture_inputs(model, graph: DependencyGraph, keep, data, progress: bool = False):
     """The inputs of every layer whose input channels shrink, on ``data`` (before pruning), with the
     layer's original output: what least squares refits the smaller layer to."""
     batches = _batches(data, 256)
@@ -387,8 +390,8 @@ def _capture_inputs(model, graph: DependencyGraph, keep, data):
     names = sorted({s.module for g in graph.groups if g.id in keep and len(keep[g.id]) < g.size
                     for s in g.slots if s.dim == "in"})
     seen: dict[str, list] = {n: [] for n in names}
-    _run_hooked(model, batches, {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach())))
-                                 for n in names}, modules)
+    _run_hooked(model, track(batches, "capturing layer inputs", progress),
+                {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach()))) for n in names}, modules)
     return seen
 
 
@@ -404,10 +407,10 @@ def _run_hooked(model: nn.Module, batches, hooks: dict, modules: dict) -> None:
             h.remove()
 
 
-def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3) -> None:
+def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3, progress: bool = False) -> None:
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(0)
-    for name, pairs in seen.items():
+    for name, pairs in track(list(seen.items()), "least-squares reconstruction", progress):
         m = modules[name]
         # the kept input channels are those whose columns survived: rebuild the pruned input by matching
         x = torch.cat([p[0] for p in pairs])

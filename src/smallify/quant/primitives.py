@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smallify.errors import ConfigError
+from smallify.errors import ConfigError, ModelError
 
 SUPPORTED_BITS = range(2, 9)
 
@@ -172,7 +172,7 @@ def weight_qparams(w: torch.Tensor, fmt: IntFormat = INT8_WEIGHT, per_channel: b
     """Min-max parameters of a weight tensor: per output channel (``axis``), per tensor, or per group of
     ``group_size`` consecutive elements along ``group_axis`` (shape from ``group_shape``)."""
     if not torch.isfinite(w).all():
-        raise ConfigError("weight holds NaN or Inf; cannot quantize it")
+        raise ModelError("weight holds NaN or Inf; cannot quantize it (fix the model, or keep the layer in float)")
     w = w.detach()
     if group_size is not None:
         shape = group_shape(tuple(w.shape), group_size, group_axis)

@@ -1,0 +1,37 @@
+"""The config registry keyed by kind: every config class that names a kind is found by it, so that files
+(the .smallify manifest, recipes) name configs without a hand-written list."""
+import dataclasses
+
+import pytest
+
+import smallify as sm
+from smallify.config import REGISTRY, Config, config_from_dict
+
+
+def test_every_config_is_registered_by_kind():
+    for klass in (sm.Int8Static, sm.FP8Static, sm.WeightOnly, sm.Float16, sm.Int8Dynamic, sm.MixedPrecision,
+                  sm.ChannelPrune, sm.Unstructured, sm.AttentionPrune, sm.KD, sm.TrainConfig):
+        assert REGISTRY[klass.kind] is klass
+    c = sm.WeightOnly(bits=3, group_size=32)
+    assert config_from_dict(c.to_dict()) == c
+    assert config_from_dict(c.to_dict(), "quantize") == c
+    with pytest.raises(sm.ConfigError, match=r"unknown config kind 'kd'; accepted: \[.*'int8_static'"):
+        config_from_dict(sm.KD().to_dict(), "quantize")
+    with pytest.raises(sm.ConfigError, match="unknown config kind 'nope'"):
+        config_from_dict({"kind": "nope"})
+
+
+def test_a_new_config_kind_is_one_class(tmp_path):
+    @dataclasses.dataclass
+    class Halve(Config):
+        kind = "test_halve"
+        verbs = ("quantize",)
+        factor: float = 0.5
+
+    try:
+        assert config_from_dict({"kind": "test_halve", "factor": 0.25}) == Halve(0.25)
+        from smallify.pack.container import _config_from
+
+        assert _config_from(Halve().to_dict()) == Halve()          # the container reads it without a list
+    finally:
+        del REGISTRY["test_halve"]
