@@ -171,3 +171,67 @@ def test_sessions_timed_in_turn_do_not_spin(tiny_onnx, monkeypatch):
     run_model, inputs = ort_runner(tiny_onnx, 2)
     assert entries == {"session.intra_op.allow_spinning": "0"}
     assert run_model({inputs[0].name: np.zeros((1, 3, 8, 8), np.float32)}).shape == (1, 4, 6, 6)
+
+
+def test_distill_reports_accuracy_each_epoch(tmp_path, monkeypatch):
+    (tmp_path / "kdnets.py").write_text(
+        "import torch\n"
+        "def big():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))\n"
+        "def small():\n"
+        "    torch.manual_seed(1)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=x.reshape(96, 16)[:, :3].argmax(1))
+    r = run("distill", "--student", "kdnets:small", "--teacher", "kdnets:big", "--data", tmp_path / "d.npz",
+            "--epochs", "2", "--batch-size", "32", "--out", tmp_path / "s.smallify")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    epochs = [l for l in lines if l.startswith("epoch ")]
+    assert len(epochs) == 2 and all("; top-1 on 96 training samples 0." in l for l in epochs), epochs
+    assert any(l.startswith("teacher: top-1 on 96 training samples 0.") for l in lines)
+    assert lines[-1] == f"wrote {tmp_path / 's.smallify'}"
+
+
+def test_progress_bars_show_time_remaining():
+    from rich.progress import TimeRemainingColumn
+
+    import smallify.progress as progress
+
+    seen = []
+    real = progress.Progress
+
+    def recording(*columns, **kwargs):
+        seen.extend(type(c) for c in columns)
+        return real(*columns, **kwargs)
+    import pytest as _pytest
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(progress, "Progress", recording)
+        assert list(progress.track(range(3), "x", True)) == [0, 1, 2]
+    assert TimeRemainingColumn in seen
+
+
+def test_pruning_with_reconstruction_shows_progress(monkeypatch):
+    import sys as _sys
+
+    import smallify as sm
+
+    channel = _sys.modules["smallify.prune.channel"]
+    steps = []
+    real = channel.track
+
+    def recording(items, description, enabled=True, total=None):
+        items = list(items)
+        steps.append((description, enabled, len(items)))
+        return real(items, description, enabled, total)
+    monkeypatch.setattr(channel, "track", recording)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(32, 3, 10, 10)
+    sm.prune(net, sm.ChannelPrune(ratio=0.5, reconstruct=True), x[:2], data=x, progress=True)
+    assert ("capturing layer inputs", True, 1) in steps and ("least-squares reconstruction", True, 2) in steps

@@ -265,7 +265,7 @@ def prune(
 
             data = torch.from_numpy(calibration_images(512))
         example = _example_batch(model, input_shape, arrays)
-        pruned = prune_verb(net, config, example, data=data)
+        pruned = prune_verb(net, config, example, data=data, progress=sys.stderr.isatty())
         from smallify.onnx_io import write_all
 
         writers = {out: lambda tmp: save(pruned, tmp)}
@@ -328,8 +328,9 @@ def distill(
             x, y = torch.from_numpy(fashion_mnist.normalize(xs)), torch.from_numpy(ys.astype(np.int64))
         else:
             raise ConfigError("give --data train.npz (arrays 'x' and optionally 'y')")
+        eval_fn, metric = _distill_metric(s_model, x, y, data, teacher)
         distill_verb(s_model, t_model, TrainData(x, y, batch_size, augment=augment), config, train_config,
-                     checkpoint=checkpoint, progress=sys.stderr.isatty())
+                     eval_fn=eval_fn, checkpoint=checkpoint, progress=sys.stderr.isatty())
         if not is_main_process():      # under torchrun: rank 0 writes the student and reports
             return
         save(s_model, out)
@@ -339,8 +340,39 @@ def distill(
     if processes > 1:
         typer.echo(f"data-parallel: {processes} processes")
     for h in s_model.train_history:
-        typer.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}")
+        typer.echo(f"epoch {h['epoch']}: loss {h['loss']:.4f}" + (f"; {metric} {h['metric']:.4f}" if "metric" in h else "")
+                   + f" ({h['seconds']:.0f} s)")
+    if eval_fn is not None:
+        typer.echo(f"teacher: {metric} {eval_fn(t_model):.4f}")
     typer.echo(f"wrote {out}")
+
+
+def _distill_metric(student, x, y, data: Optional[Path], teacher: str):
+    """The accuracy shown after each distillation epoch: top-1 on Fashion-MNIST's test set for the example
+    teacher, else on the first 2,048 samples of --data when it has labels and the student outputs class scores
+    (training data: it shows progress, not generalization); (None, None) otherwise."""
+    import numpy as np
+    import torch
+
+    if data is None and teacher == "example":
+        from smallify.examples import fashion_mnist
+
+        xs, ys = fashion_mnist.load("test")
+        x, y, name = torch.from_numpy(fashion_mnist.normalize(xs)), torch.from_numpy(ys.astype(np.int64)), "test top-1"
+    elif y is not None:
+        n = min(2048, len(x))
+        x, y, name = x[:n], y[:n], f"top-1 on {n} training samples"
+    else:
+        return None, None
+    with torch.no_grad():
+        if student.eval()(x[:2]).ndim != 2:
+            return None, None
+
+    def top1(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(sum((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum() for i in range(0, len(x), 500)) / len(x))
+    return top1, name
 
 
 @app.command()
