@@ -205,7 +205,7 @@ def test_cli_max_drop_with_eval_hook(tmp_path, monkeypatch, float_onnx, calib_np
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "int3"], "accepted: int8, fp8, weight-only"),
+    (["--method", "int3"], "accepted: int8, dynamic, fp8, weight-only"),
     (["--bits", "9"], "accepted: integers 2..8"),
     (["--method", "weight-only", "--group-size", "7"], "does not divide"),
     (["--method", "weight-only", "--group-size", "big"], "accepted: an integer >= 2, auto, none"),

@@ -35,9 +35,19 @@ class Int8Dynamic(Config):
     verbs = ("quantize",)
     per_channel: bool = True
     skip: tuple[str, ...] = ()
+    reduce_range: bool | str = "auto"     # 7-bit weights where the CPU's integer kernels saturate (Int8Static)
 
     def __post_init__(self):
+        from smallify.quant.config import resolve_reduce_range
+
         self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        self.reduce_range = resolve_reduce_range(self.reduce_range)
+
+    @property
+    def weight_format(self):
+        from smallify.quant.primitives import IntFormat
+
+        return IntFormat(7) if self.reduce_range else INT8_WEIGHT
 
     def skip_pattern(self, *names: str) -> str | None:
         from smallify.quant.config import _first_match
@@ -69,7 +79,7 @@ def dynamic_module(model: nn.Module, config: Int8Dynamic) -> nn.Module:
         if pattern:
             reports.append(LayerReport(name, "Linear", "float", f"skipped by pattern {pattern!r}"))
             continue
-        qmod.replace_module(model, name, DynamicQuantLinear.from_float(m, qmod.WeightSpec(INT8_WEIGHT, config.per_channel)))
+        qmod.replace_module(model, name, DynamicQuantLinear.from_float(m, qmod.WeightSpec(config.weight_format, config.per_channel)))
         reports.append(LayerReport(name, "Linear", "quantized", "int8 weights, dynamic uint8 activations"))
     model.quant_config = config
     model.quant_report = model.report = QuantReport(config.to_dict(), reports, 0, 0, 0.0, "dynamic")
@@ -150,7 +160,7 @@ def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | No
     model = preprocess(model)
     check_finite_weights(model, lambda n, w: config.skip_pattern(n, w) is None)
     names = [(name, node.op_type, node.input[w]) for node, w, name, _ in weight_layers(model)]
-    spec = qmod.WeightSpec(INT8_WEIGHT, config.per_channel)
+    spec = qmod.WeightSpec(config.weight_format, config.per_channel)
     done = set(quantize_dynamic_matmuls(model, lambda name, wname: None if config.skip_pattern(name, wname) else spec))
     reports = [LayerReport(name, op, "quantized" if name in done else "float",
                            "int8 weights, dynamic uint8 activations" if name in done else

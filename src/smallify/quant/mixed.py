@@ -169,6 +169,8 @@ def _spec(config: MixedPrecision, choice):
 
     if choice == "float":
         return WeightSpec(None)
+    if choice == 8 and config.reduce_range:
+        choice = 7           # the 8-bit candidate on a 7-bit grid, as Int8Static.weight_spec gives it
     return WeightSpec(INT8_WEIGHT if choice == 8 else IntFormat(choice), config.per_channel, config.group_size)
 
 

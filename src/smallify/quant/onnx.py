@@ -85,7 +85,7 @@ def needed_opset(config) -> int:
     bits = [getattr(config, "weight_bits", 8), getattr(config, "bits", 8)]
     bits += [b for b in getattr(config, "candidates", ())]
     bits += [b for b in getattr(config, "layer_bits", {}).values() if isinstance(b, int)]
-    return 21 if min(bits) < 8 or getattr(config, "group_size", None) else 13
+    return 21 if min(bits) <= 4 or getattr(config, "group_size", None) else 13
 
 
 def normalize(model: onnx.ModelProto, opset: int = 13) -> onnx.ModelProto:

@@ -17,14 +17,14 @@ from smallify.quant.primitives import INT8_WEIGHT, FloatFormat, IntFormat, quant
 def _onnx_type(fmt) -> int:
     if isinstance(fmt, FloatFormat):
         return {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}[fmt.name]
-    if fmt.bits == 8:
+    if fmt.bits > 4:       # 5..8-bit grids are stored in 8 bits (packed tighter only in the .smallify container)
         return TensorProto.INT8 if fmt.signed else TensorProto.UINT8
     return TensorProto.INT4 if fmt.signed else TensorProto.UINT4
 
 
 def storage_tensor(name: str, values: torch.Tensor, fmt) -> onnx.TensorProto:
-    """An initializer in the format's storage type: int8/uint8; int4/uint4 packed two per byte (first value in
-    the low nibble, as ONNX stores them; 2- and 3-bit grids are stored as 4-bit); or FP8."""
+    """An initializer in the format's storage type: int8/uint8 (5- to 8-bit grids); int4/uint4 packed two per
+    byte (first value in the low nibble, as ONNX stores them; 2- and 3-bit grids are stored as 4-bit); or FP8."""
     dtype = _onnx_type(fmt)
     if dtype in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
         raw = values.to(fmt.torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
@@ -39,7 +39,7 @@ def storage_tensor(name: str, values: torch.Tensor, fmt) -> onnx.TensorProto:
 
 def needs_opset_21(spec) -> bool:
     """int4 storage and blocked (per-group) DequantizeLinear exist from opset 21 on."""
-    return spec is not None and (bool(spec.group_size) or (isinstance(spec.fmt, IntFormat) and spec.fmt.bits < 8))
+    return spec is not None and (bool(spec.group_size) or (isinstance(spec.fmt, IntFormat) and spec.fmt.bits <= 4))
 
 
 def require_opset(model: onnx.ModelProto, version: int) -> None:
@@ -93,7 +93,7 @@ def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int,
     g.initializer.append(storage_tensor(inputs[0], values, fmt))
     g.initializer.append(numpy_helper.from_array(onnx_scale.numpy().astype(np.float32), inputs[1]))
     if isinstance(fmt, IntFormat):
-        if fmt.bits == 8 or not fmt.symmetric:   # int8: explicit zeros (what ORT's QDQ fusions expect)
+        if fmt.bits > 4 or not fmt.symmetric:    # stored as int8: explicit zeros (what ORT's QDQ fusions expect)
             zp = onnx_zero.expand_as(onnx_scale) if onnx_zero.ndim < onnx_scale.ndim else onnx_zero
             g.initializer.append(storage_tensor(f"{prefix}:zp", zp.to(torch.int32), fmt))
             inputs.append(f"{prefix}:zp")
@@ -173,7 +173,7 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
         else:
             nodes, w_scale = _dequantize_weight(model, node, w_idx, spec, (stored or {}).get(wname))
             made[key] = (node.input[w_idx], w_scale)
-        if static_input and isinstance(spec.fmt, IntFormat) and spec.fmt.bits == 8 and not spec.group_size \
+        if static_input and isinstance(spec.fmt, IntFormat) and spec.fmt.bits > 4 and not spec.group_size \
                 and consts[dq.input[1]].ndim == 0:
             nodes += _int32_bias(model, node, float(consts[dq.input[1]]), w_scale, consts)
         new_nodes[idx] = nodes
