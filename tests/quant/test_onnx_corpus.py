@@ -110,3 +110,38 @@ def test_cli_method_dynamic_and_refusal(corpus, tmp_path):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and "Int8Dynamic found no layer" in lines[0] and "--method int8" in lines[0]
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "mlp.dyn.onnx"]
+
+
+def test_saturating_cpu_reads_the_isa_flags():
+    from smallify.quant.config import resolve_reduce_range, saturating_cpu
+
+    assert saturating_cpu("model name: AMD EPYC\nflags\t: fpu sse2 avx avx2 fma\n") is True
+    assert saturating_cpu("flags\t: avx2 avx512f avx512_vnni\n") is False
+    assert saturating_cpu("flags\t: avx2 avx_vnni\n") is False
+    assert saturating_cpu("flags\t: avx2 amx_int8 amx_bf16\n") is False
+    assert resolve_reduce_range(True) is True and resolve_reduce_range(False) is False
+    import smallify as sm
+
+    with pytest.raises(sm.ConfigError, match="reduce_range='yes'.*accepted: True"):
+        sm.Int8Static(reduce_range="yes")
+    assert sm.Int8Static().to_dict()["reduce_range"] in (True, False)       # resolved once, saved as done
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_5_to_7_bit_weights_are_stored_in_int8(corpus, bits):
+    import smallify as sm
+
+    get, folder = corpus
+    model = get("cnn_opset17")
+    out = folder / f"w{bits}.onnx"
+    sm.quantize(str(model.path), sm.Int8Static(weight_bits=bits, reduce_range=False), data=model.calib, out=str(out),
+                progress=False)
+    q = onnx.load(str(out))
+    w = [i for i in q.graph.initializer if i.name.endswith(":q") and len(i.dims) == 4]    # conv weights
+    assert len(w) == 4
+    for t in w:
+        values = onnx.numpy_helper.to_array(t)
+        assert t.data_type == onnx.TensorProto.INT8 and np.abs(values).max() == 2 ** (bits - 1) - 1
+    ref = oc.run_onnx(model.path, {"input": model.calib["input"][:16]})
+    got = oc.run_onnx(out, {"input": model.calib["input"][:16]})
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 15     # was 0.5-2 dB packed as int4
