@@ -54,6 +54,8 @@ def test_corpus_model_method(corpus, name, method):
     assert outcome.sqnr >= min_sqnr and outcome.cosine >= min_cos, outcome
     if method in ("int8", "dynamic"):     # (mixed: only layers kept at 8 bits run integer kernels)
         assert outcome.integer_kernels >= 1, outcome                # QLinearConv / QGemm / MatMulInteger ...
+    if method == "weight-only" and name not in ("grouped_convs", "conv_transpose", "unet"):   # (convolutions only)
+        assert outcome.integer_kernels >= 1, outcome                # MatMulNBits (Gemm rewritten as MatMul)
     if method != "dynamic" and name not in ("two_inputs",):   # two_inputs: 300 weights, Q/DQ overhead dominates
         assert outcome.size_ratio < 1.0, outcome
 

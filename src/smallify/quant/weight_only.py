@@ -119,6 +119,7 @@ def weight_only_onnx(model: onnx.ModelProto, config: WeightOnly) -> tuple[onnx.M
     layer; ONNX Runtime turns DequantizeLinear(int4 blocks) + MatMul into its MatMulNBits kernel."""
 
     start = time.perf_counter()
+    gemm_to_matmul(model)
     reports, specs = [], {}
     for node, w_idx, name, in_ch in weight_layers(model):
         spec = config.weight_spec(in_ch, name, node.input[w_idx])
@@ -127,6 +128,37 @@ def weight_only_onnx(model: onnx.ModelProto, config: WeightOnly) -> tuple[onnx.M
                                    "skipped" if spec.fmt is None else spec.describe()))
     quantize_weights(model, lambda name, wname, _: specs.get(wname), static=False)
     return model, QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "weight-only")
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite each Gemm with a constant weight read by it alone (alpha = beta = 1, no transA) as MatMul with
+    the weight in [K, N] layout, plus Add of the bias: ONNX Runtime fuses blocked int4 DequantizeLinear +
+    MatMul into its MatMulNBits kernel, and a Gemm into nothing. The weight keeps its name. Returns the count."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    nodes, count = [], 0
+    for n in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        w = inits.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
+        if w is None or readers[w.name] != 1 or len(w.dims) != 2 or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(n)
+            continue
+        if attrs.get("transB", 0):
+            w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), w.name))
+        out = n.output[0]
+        has_bias = len(n.input) > 2 and n.input[2]
+        nodes.append(helper.make_node("MatMul", [n.input[0], w.name], [f"{out}:mm" if has_bias else out], name=n.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [f"{out}:mm", n.input[2]], [out]))
+        count += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return count
 
 
 def half_onnx(model: onnx.ModelProto, config: Float16) -> tuple[onnx.ModelProto, QuantReport]:
