@@ -9,7 +9,9 @@ from smallify.examples import onnx_corpus as oc
 
 # Bounds per method: output SQNR in dB against the float model on 16 random inputs, and cosine. The corpus
 # models have random weights and random inputs (harder than trained models on real data: no redundancy).
-BOUNDS = {"int8": (10.0, 0.96), "w4a8": (10.0, 0.95), "weight-only": (10.0, 0.95), "dynamic": (12.0, 0.97),
+# int8/dynamic read 31-64 dB on every model (12-30 dB on an AVX2-only CPU before reduce_range: see
+# test_saturating_cpu_reads_the_isa_flags); 4-bit weights 10-47 dB (zoo classics: 256-wide Gemm, no redundancy).
+BOUNDS = {"int8": (25.0, 0.999), "w4a8": (10.0, 0.95), "weight-only": (10.0, 0.95), "dynamic": (25.0, 0.999),
           "fp8": (20.0, 0.99), "fp16": (60.0, 0.99999), "bf16": (45.0, 0.9999), "mixed": (10.0, 0.95)}
 # refusals the corpus expects: (model, method) -> words the one-line reason must hold
 EXPECTED_REFUSALS = {(m, "dynamic"): "for convolutions use --method int8"
