@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import ConfigError, SmallifyError
+from smallify.errors import ConfigError, ModelError, SmallifyError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Make trained neural networks small and fast, and measure it.")
@@ -180,11 +180,17 @@ def _model_from(spec: str, weights: Optional[Path], what: str):
 
             from smallify.pack import fit_shapes
 
-            state = load_file(str(weights))
-            fit_shapes(model, state)
+            if not weights.is_file():
+                raise ModelError(f"weights file {weights} does not exist")
             try:
+                state = load_file(str(weights))
+            except Exception as e:    # safetensors' own errors: a cut or foreign file
+                raise ModelError(f"{weights} is not a readable safetensors file ({(str(e).strip() or type(e).__name__).splitlines()[0][:160]}); "
+                                 "accepted: safetensors or .smallify weights") from None
+            try:
+                fit_shapes(model, state)
                 model.load_state_dict(state)
-            except RuntimeError as e:
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 raise ConfigError(f"{weights} does not fit {spec}: {str(e).splitlines()[0]}") from None
         else:
             model = load(weights, model)
