@@ -19,8 +19,8 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if path.suffix.lower() != ".onnx":
         raise ModelError(f"{path} is not an ONNX file (expected a .onnx file)")
     try:
+        onnx.checker.check_model(str(path))      # by path: models over 2 GB (external data) check too
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path} is not a valid ONNX model ({first[:200]})") from None

@@ -149,3 +149,24 @@ def test_5_to_7_bit_weights_are_stored_in_int8(corpus, bits):
     ref = oc.run_onnx(model.path, {"input": model.calib["input"][:16]})
     got = oc.run_onnx(out, {"input": model.calib["input"][:16]})
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 15     # was 0.5-2 dB packed as int4
+
+
+@pytest.mark.parametrize("method", ["int8", "dynamic", "weight-only"])
+def test_large_model_path_through_external_data(corpus, tmp_path, monkeypatch, method):
+    """Models over 1 GB (protobuf's 2 GB cap) travel through files with external data: the same code runs
+    here on a small model with the threshold lowered to 1 byte."""
+    import smallify as sm
+    from smallify.quant import onnx as qonnx
+
+    get, _ = corpus
+    model = get("external_data")
+    monkeypatch.setattr(qonnx, "LARGE_MODEL_BYTES", 1)
+    out = tmp_path / "big.q.onnx"
+    sm.quantize(str(model.path), oc.method_config(method), data=model.calib, out=str(out), progress=False)
+    assert (tmp_path / "big.q.onnx.data").stat().st_size > 0                       # weights beside the graph
+    stored = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
+    feeds = {"input": model.calib["input"][:16]}
+    ref, got = oc.run_onnx(model.path, feeds), oc.run_onnx(out, feeds)
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > BOUNDS[method][0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.q.onnx", "big.q.onnx.data"]

@@ -149,7 +149,7 @@ def quantize_dynamic_matmuls(model: onnx.ModelProto, spec_for, stored: dict | No
 
 def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | None = None):
     """Dynamic INT8 for an ONNX model (no data); embedding tables become int8 as in the static path."""
-    from smallify.quant.onnx import compact, preprocess
+    from smallify.quant.onnx import check_model, compact, preprocess, save_onnx
     from smallify.quant.onnx_graph import check_finite_weights, weight_layers
     from smallify.quant.onnx_weights import quantize_embeddings
 
@@ -171,7 +171,7 @@ def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | No
         reports.append(LayerReport(table, "Gather", "quantized", "embedding table: weight-only int8 per row"))
     model.producer_name = "smallify"
     compact(model)
-    onnx.checker.check_model(model)
+    check_model(model)
     if out is not None:
-        onnx_io.save(model, out)
+        save_onnx(model, out)
     return model, QuantReport(config.to_dict(), reports, 0, 0, time.perf_counter() - start, "dynamic")

@@ -133,8 +133,32 @@ def save_onnx(model: onnx.ModelProto, path) -> None:
         onnx_io.save(model, path)
         return
     location = os.path.basename(path) + ".data"
-    onnx_io.write_atomic(path, lambda tmp: onnx.save(model, tmp, save_as_external_data=True,
+    onnx_io.write_atomic(path, lambda tmp: onnx.save(copy_model(model), tmp, save_as_external_data=True,
                                                      all_tensors_to_one_file=True, location=location))
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx's checker, through a file with external data for a model over ``LARGE_MODEL_BYTES``."""
+    if model.ByteSize() <= LARGE_MODEL_BYTES:
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "check.onnx")
+        onnx.save(copy_model(model), path, save_as_external_data=True, location="check.onnx.data")
+        onnx.checker.check_model(path)
+
+
+def ort_session(model: onnx.ModelProto, so):
+    """An ONNX Runtime CPU session of ``model`` (from memory, or through a file with external data for a model
+    over ``LARGE_MODEL_BYTES``: one protobuf cannot exceed 2 GB)."""
+    import onnxruntime as ort
+
+    if model.ByteSize() <= LARGE_MODEL_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(copy_model(model), path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -227,7 +251,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
             probe.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = ort_session(probe, so)
     fmt = config.activation_format
     make_observer = make_observer or (lambda t: observers.make_observer(config.calibration, config.percentile, t, fmt))
     obs = {t: make_observer(t) for t in tensors}
@@ -431,8 +455,8 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
         reports.append(LayerReport(table, "Gather", "quantized", "embedding table: weight-only int8 per row"))
     model.producer_name = "smallify"
     compact(model)
-    onnx.checker.check_model(model)
+    check_model(model)
     report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme, alpha)
     if out is not None:
-        onnx_io.save(model, out)
+        save_onnx(model, out)
     return model, report

@@ -20,7 +20,7 @@ from torch import nn
 from smallify import onnx_io
 from smallify.quant import modules as qmod
 from smallify.quant.config import Float16, WeightOnly
-from smallify.quant.onnx import compact, needed_opset, preprocess
+from smallify.quant.onnx import check_model, compact, needed_opset, preprocess, save_onnx
 from smallify.quant.onnx_graph import check_finite_weights, drop_unused_initializers, weight_layers
 from smallify.quant.onnx_weights import quantize_weights
 from smallify.quant.report import LayerReport, QuantReport
@@ -210,9 +210,9 @@ def convert_onnx(model_or_path, config, out: str | os.PathLike | None = None):
     model, report = (weight_only_onnx if isinstance(config, WeightOnly) else half_onnx)(model, config)
     model.producer_name = "smallify"
     compact(model)
-    onnx.checker.check_model(model)
+    check_model(model)
     if out is not None:
-        onnx_io.save(model, out)
+        save_onnx(model, out)
     return model, report
 
 
