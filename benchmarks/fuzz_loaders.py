@@ -1,6 +1,7 @@
 """Fuzz the two loaders that read files users are handed: ``smallify.load`` (.smallify containers) and the
 calibration .npz reader (``smallify.data.load_npz``). Every input must give a typed smallify error or a
-valid result: never another exception, a hang or unbounded memory.
+valid result (a model that loads also computes: each is run once on a batch of ones): never another
+exception, a hang or unbounded memory.
 
     python benchmarks/fuzz_loaders.py --target container --execs 1000000      # by hand (the issue's ask)
     python benchmarks/fuzz_loaders.py --target manifest --execs 200000
@@ -213,8 +214,9 @@ def mutate_json(text: bytes, rng: random.Random) -> bytes:
 class Target:
     """``run(bytes)`` feeds one input to a loader; returns 'ok' or 'error' (typed), raises anything else."""
 
-    def __init__(self, name: str, workdir: Path):
+    def __init__(self, name: str, workdir: Path, forward: bool = True):
         self.name, self.path = name, workdir / ("input.npz" if name == "npz" else "input.smallify")
+        self.forward = forward      # also run every loaded model once (a model that loads must compute)
         if name == "npz":
             self.seeds = npz_seeds()
         else:
@@ -242,6 +244,9 @@ class Target:
             else:
                 model = sm.load(self.path, tiny())
                 assert isinstance(model, nn.Module)
+                if self.forward:
+                    y = model(torch.ones(2, 32))
+                    assert y.shape == (2, 8), f"a loaded model answers with shape {tuple(y.shape)}"
             return "ok"
         except SmallifyError as e:
             assert str(e) and "\n" not in str(e).strip(), f"a typed error of more than one line: {e!r}"
@@ -337,11 +342,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds one input may take (a hang otherwise)")
     ap.add_argument("--rss-limit-mb", type=int, default=4096, help="atheris: memory limit per process")
+    ap.add_argument("--no-forward", action="store_true", help="do not run the models that load (by default each "
+                    "runs once on a batch of ones: a model that loads but cannot compute is a finding)")
     ap.add_argument("--crashes", type=Path, default=Path("fuzz-crashes"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
-        target = Target(args.target, Path(tmp))
+        target = Target(args.target, Path(tmp), not args.no_forward)
         if args.engine == "atheris":
             run_atheris(target, args.execs, args.timeout, args.crashes, args.rss_limit_mb)
             return
