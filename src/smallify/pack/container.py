@@ -328,28 +328,8 @@ def _tensor(state: dict, key: str, path: Path, pop: bool = False) -> torch.Tenso
 
 
 def fit_shapes(model: nn.Module, state: dict) -> None:
-    """Resize Conv2d / Linear / BatchNorm layers to the shapes in ``state`` (a channel-pruned model saved
-    from the same architecture): the file's shapes are the truth, the factory's the starting point."""
-    for name, m in model.named_modules():
-        w = state.get(f"{name}.weight")
-        if isinstance(m, nn.Conv2d) and w is not None and w.shape != m.weight.shape and w.ndim == 4:
-            depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
-            m.out_channels = w.shape[0]
-            m.in_channels = w.shape[0] if depthwise else w.shape[1] * m.groups
-            if depthwise:
-                m.groups = w.shape[0]
-            m.weight = nn.Parameter(torch.empty_like(w))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(w.shape[0]))
-        elif isinstance(m, nn.Linear) and w is not None and w.shape != m.weight.shape and w.ndim == 2:
-            m.out_features, m.in_features = w.shape
-            m.weight = nn.Parameter(torch.empty_like(w))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(w.shape[0]))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{name}.running_mean" in state:
-            n = state[f"{name}.running_mean"].shape[0]
-            if n != m.num_features:
-                m.num_features = n
-                if m.affine:
-                    m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
-                m.running_mean, m.running_var = torch.empty(n), torch.empty(n)
+    """Resize the layers of ``model`` to the shapes in ``state`` (a channel-pruned model saved from the same
+    architecture), with the per-layer-type resize handlers channel pruning uses (``prune/resize.py``)."""
+    from smallify.prune.resize import fit_shapes as fit
+
+    fit(model, state)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -30,6 +31,9 @@ from smallify.measure.macs import count_macs, count_params
 from smallify.prune.branches import choose_branches, remove_branches
 from smallify.progress import track
 from smallify.prune.graph import DependencyGraph, Group, build
+from smallify.prune.resize import resizer
+
+CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)   # outputs [N, C, ...]
 
 CRITERIA = ("l2", "l1", "bn_scale", "taylor", "activation", "apoz")
 NEEDS_DATA = {"taylor", "activation", "apoz"}
@@ -220,7 +224,7 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
                 raise DataError("importance 'taylor' needs labels: give batches of (inputs, labels)")
             F.cross_entropy(model(x), y).backward()
         stats["grads"] = {n: m.weight.grad.detach().clone() for n, m in modules.items()
-                          if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.grad is not None}
+                          if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.weight.grad is not None}
         model.zero_grad()
         return stats
     names = {s.module for g in graph.prunable() for s in _act_slots(g)}
@@ -229,10 +233,11 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
     def hook(name):
         def fn(m, args, out):
             a = torch.relu(out.detach())
-            dims = [d for d in range(a.ndim) if d != (1 if a.ndim == 4 else a.ndim - 1)]
+            axis = 1 if a.ndim == 4 or isinstance(m, CHANNELS_FIRST) else a.ndim - 1
+            dims = [d for d in range(a.ndim) if d != axis]
             sums[name] = sums.get(name, 0) + a.sum(dims)
             zeros[name] = zeros.get(name, 0) + (a == 0).float().sum(dims)
-            counts[name] = counts.get(name, 0) + a.numel() / a.shape[1 if a.ndim == 4 else -1]
+            counts[name] = counts.get(name, 0) + a.numel() / a.shape[axis]
         return fn
 
     _run_hooked(model, batches, {n: hook(n) for n in names}, modules)
@@ -261,7 +266,8 @@ def choose(graph: DependencyGraph, config: ChannelPrune, stats: dict) -> dict[in
         scores[g.id] = s
     counts = {}
     if config.scope == "layer":
-        counts = {g.id: _keep_count(g.size, config.ratio_for(g.producers), config.round_to) for g in groups}
+        counts = {g.id: _keep_count(g.size, config.ratio_for(g.producers), math.lcm(config.round_to, g.multiple))
+                  for g in groups}
     else:
         normed = torch.cat([scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups])
         owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
@@ -275,7 +281,8 @@ def choose(graph: DependencyGraph, config: ChannelPrune, stats: dict) -> dict[in
             if removed[gi] + 1 <= int(groups[gi].size * config.max_group_ratio):
                 removed[gi] += 1
                 remove -= 1
-        counts = {g.id: _keep_count(g.size, float(removed[i]) / g.size, config.round_to) for i, g in enumerate(groups)}
+        counts = {g.id: _keep_count(g.size, float(removed[i]) / g.size, math.lcm(config.round_to, g.multiple))
+                  for i, g in enumerate(groups)}
     keep = {}
     for g in groups:
         k = counts[g.id]
@@ -305,36 +312,16 @@ def apply(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.Tensor
             drop.setdefault((s.module, s.dim), []).append(_expand(removed, s.offset, s.factor))
     for (name, dim), parts in drop.items():
         m = modules[name]
-        axis_len = m.num_features if dim == "bn" else m.weight.shape[1 if dim == "in" else 0]
+        handler = resizer(m)
+        if handler is None or dim not in handler.sizes(m):
+            raise ModelError(f"internal: layer {name!r} ({type(m).__name__}) has no resize handler for {dim!r}")
         gone = set(torch.cat(parts).tolist())
-        idx = torch.tensor([i for i in range(axis_len) if i not in gone], dtype=torch.long)
-        with torch.no_grad():
-            if dim in ("out", "dw"):
-                m._smallify_kept_out = idx
-                m.weight = nn.Parameter(m.weight[idx].clone())
-                if getattr(m, "bias", None) is not None:
-                    m.bias = nn.Parameter(m.bias[idx].clone())
-                if isinstance(m, nn.Conv2d):
-                    m.out_channels = len(idx)
-                    if dim == "dw":
-                        m.in_channels = m.groups = len(idx)
-                else:
-                    m.out_features = len(idx)
-            elif dim == "in":
-                m._smallify_kept_in = idx          # for least-squares reconstruction
-                m.weight = nn.Parameter(m.weight[:, idx].clone())
-                if isinstance(m, nn.Conv2d):
-                    m.in_channels = len(idx)
-                else:
-                    m.in_features = len(idx)
-            else:
-                if m.affine:
-                    m.weight = nn.Parameter(m.weight[idx].clone())
-                    m.bias = nn.Parameter(m.bias[idx].clone())
-                if m.track_running_stats:
-                    m.running_mean = m.running_mean[idx].clone()
-                    m.running_var = m.running_var[idx].clone()
-                m.num_features = len(idx)
+        idx = torch.tensor([i for i in range(handler.sizes(m)[dim]) if i not in gone], dtype=torch.long)
+        if dim in ("out", "dw"):
+            m._smallify_kept_out = idx
+        elif dim == "in":
+            m._smallify_kept_in = idx          # for least-squares reconstruction
+        handler.keep(m, dim, idx)
     return model
 
 
@@ -418,6 +405,8 @@ def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3, 
         kept_out = getattr(m, "_smallify_kept_out", None)
         if kept_out is not None:
             y = y[:, kept_out] if y.ndim == 4 else y[..., kept_out]
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue                  # reconstruction knows Conv2d (unfolded patches) and Linear
         if isinstance(m, nn.Conv2d):
             if m.groups != 1:
                 continue

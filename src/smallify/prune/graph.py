@@ -9,12 +9,21 @@ shrink with it); flattening a feature map makes each channel a block of H*W feat
 Merged spaces form a *group*: one set of channel indices removed from every slot of the group at once.
 Spaces that reach the model's output, come from its inputs, belong to ignored layers, or pass through an
 operation the rules do not know are frozen; the graph says which operation froze what.
+
+The rules are an open table (``register_handler``): a module type (along its MRO), function or method name
+maps to a small handler that reads its inputs' layouts and returns its output's. Built in: Conv1d/Conv2d
+(depthwise too), Linear, BatchNorm, GroupNorm (channels kept in multiples of its groups), LayerNorm over the
+channel axis, element-wise and pooling ops, reductions over other axes, cat, chunk (the parts pruned alike),
+flatten/reshape. Each layout knows its channel axis (1 for Conv1d's [N, C, L], the last for Linear's).
+Layer types with a handler are kept whole by the tracer; how each one shrinks is ``resize.py``.
 """
 from __future__ import annotations
 
 import fnmatch
+import math
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +68,7 @@ class Group:
     size: int
     slots: list[Slot] = field(default_factory=list)
     frozen: str | None = None          # why it cannot be pruned, or None
+    multiple: int = 1                  # channels are kept in multiples of this (a GroupNorm's groups)
 
     @property
     def producers(self) -> list[str]:
@@ -75,6 +85,7 @@ class _Spaces:
         self.frozen: dict[int, str] = {}
         self.slots: dict[int, list[Slot]] = {}
         self.alias: dict[int, list[int]] = {}
+        self.multiple: dict[int, int] = {}
 
     def new(self, size: int, frozen: str | None = None) -> int:
         i = len(self.parent)
@@ -153,20 +164,134 @@ def _channel_axis(shape) -> int | None:
     return 1 if len(shape) == 4 else len(shape) - 1
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with every module type that has a handler kept as one node (users' layers too)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return any(k in MODULE_HANDLERS for k in type(m).__mro__[:-2]) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module, advice: str) -> fx.GraphModule:
     """``model`` as a torch.fx GraphModule (itself if it is one); a ModelError naming the failing operation
     and ``advice`` otherwise."""
     if isinstance(model, fx.GraphModule):
         return model
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as e:
         raise ModelError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); {advice}") from None
 
 
+class Builder:
+    """What a handler sees while the graph is built: the spaces, each node's layout (``layout``: segments
+    along the node's channel axis, ``axis``), and helpers. A handler ``fn(builder, node, target)`` (target:
+    the module, the function, or the method name) returns the node's layout (None: no channel axis)."""
+
+    def __init__(self, modules: dict[str, nn.Module], ignore: tuple[str, ...]):
+        self.modules, self.ignore = modules, ignore
+        self.spaces = _Spaces()
+        self.layout: dict[fx.Node, object] = {}
+        self.axis: dict[fx.Node, int] = {}
+
+    def shape(self, n) -> tuple | None:
+        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def axis_of(self, n: fx.Node) -> int | None:
+        """The channel axis of ``n``'s output: set by its handler, else axis 1 of a feature map / the last."""
+        s = self.shape(n)
+        if n in self.axis:
+            return self.axis[n] if s is None or self.axis[n] < len(s) else None
+        return _channel_axis(s)
+
+    def input_layout(self, n: fx.Node, i: int = 0):
+        ins = n.all_input_nodes
+        return self.spaces.expand(self.layout.get(ins[i])) if len(ins) > i and isinstance(self.layout.get(ins[i]), list) else None
+
+    def new_layout(self, n, why: str | None = None, axis: int | None = None) -> list[Segment] | None:
+        s = self.shape(n)
+        axis = _channel_axis(s) if axis is None else axis
+        if s is None or axis is None or axis >= len(s):
+            return None
+        self.axis[n] = axis
+        return [Segment(self.spaces.new(s[axis], why), s[axis])]
+
+    def freeze(self, lay, why: str) -> None:
+        if isinstance(lay, _Parts):
+            for part in lay.parts:
+                self.freeze(part, why)
+            return
+        for seg in self.spaces.expand(lay) or []:
+            self.spaces.freeze(seg.space, why)
+
+    def freeze_inputs(self, n: fx.Node, why: str) -> None:
+        for a in n.all_input_nodes:
+            self.freeze(self.layout.get(a), why)
+
+    def add_slots(self, lay, module: str, dim: str) -> None:
+        offset = 0
+        for seg in lay or []:
+            self.spaces.slots.setdefault(seg.space, []).append(Slot(module, dim, offset, seg.factor))
+            offset += seg.size * seg.factor
+
+    def produce(self, n: fx.Node, module: str, size: int, axis: int | None = None) -> list[Segment]:
+        """A new space of ``size`` channels made by ``module``'s output ('out' slot)."""
+        why = next((f"ignored ({p!r})" for p in self.ignore if fnmatch.fnmatchcase(module, p)), None)
+        sid = self.spaces.new(size, why)
+        self.spaces.slots[sid] = [Slot(module, "out")]
+        if axis is not None:
+            self.axis[n] = axis
+        return [Segment(sid, size)]
+
+    def pass_through(self, n: fx.Node):
+        ins = n.all_input_nodes
+        if ins and ins[0] in self.axis:
+            self.axis[n] = self.axis[ins[0]]
+        return self.input_layout(n)
+
+    def unknown(self, n: fx.Node, what: str):
+        self.freeze_inputs(n, what)
+        return self.new_layout(n, what)
+
+
+@dataclass
+class _Parts:
+    """The layouts of a split's outputs, picked by ``getitem``."""
+    parts: list
+
+
+Handler = Callable[[Builder, fx.Node, object], object]
+MODULE_HANDLERS: dict[type, Handler] = {}
+FUNCTION_HANDLERS: dict[object, Handler] = {}     # call_function targets, and call_method names
+
+
+def register_handler(*targets):
+    """Decorator: ``fn(builder, node, target) -> layout`` handles these module types (looked up along the MRO),
+    functions, or method names (strings). Users register their own layers the same way."""
+    def deco(fn: Handler) -> Handler:
+        for t in targets:
+            if isinstance(t, type) and issubclass(t, nn.Module):
+                MODULE_HANDLERS[t] = fn
+            else:
+                FUNCTION_HANDLERS[t] = fn
+        return fn
+    return deco
+
+
+def _handler(n: fx.Node, modules: dict) -> tuple[Handler | None, object]:
+    if n.op == "call_module":
+        m = modules[n.target]
+        return next((MODULE_HANDLERS[k] for k in type(m).__mro__ if k in MODULE_HANDLERS), None), m
+    return FUNCTION_HANDLERS.get(n.target), n.target
+
+
 def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> DependencyGraph:
-    """Trace ``model`` and group the layer dimensions that must be pruned together."""
+    """Trace ``model`` and group the layer dimensions that must be pruned together: each node goes to the
+    handler of its module type, function or method (``register_handler``); unknown ones freeze their
+    inputs' groups and say so."""
+    from smallify.prune import handlers  # noqa: F401  (the built-in handlers register themselves)
+
     model = model.eval()
     gm = trace(model, "make the forward traceable, or prune the traceable part and pass the rest's layer names "
                       "in ignore=")
@@ -174,109 +299,24 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
     modules = dict(model.named_modules())
-    spaces = _Spaces()
-    layout: dict[fx.Node, list[Segment] | None] = {}
-
-    def shape(n) -> tuple | None:
-        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-    def new_layout(n, why: str | None = None) -> list[Segment] | None:
-        s = shape(n)
-        axis = _channel_axis(s)
-        return None if axis is None else [Segment(spaces.new(s[axis], why), s[axis])]
-
-    def freeze(lay, why: str) -> None:
-        for seg in spaces.expand(lay) or []:
-            spaces.freeze(seg.space, why)
-
-    def add_slots(lay, module: str, dim: str) -> None:
-        offset = 0
-        for seg in lay or []:
-            spaces.slots.setdefault(seg.space, []).append(Slot(module, dim, offset, seg.factor))
-            offset += seg.size * seg.factor
-
-    def ignored(name: str) -> str | None:
-        return next((p for p in ignore if fnmatch.fnmatchcase(name, p)), None)
-
+    b = Builder(modules, tuple(ignore))
     for n in gm.graph.nodes:
-        ins = [a for a in n.all_input_nodes]
-        in_lay = spaces.expand(layout.get(ins[0])) if ins else None
         if n.op == "placeholder":
-            layout[n] = new_layout(n, "model input")
+            b.layout[n] = b.new_layout(n, "model input")
         elif n.op == "get_attr":
-            layout[n] = None
+            b.layout[n] = None
         elif n.op == "output":
-            for a in ins:
-                freeze(spaces.expand(layout.get(a)), "reaches the model output")
-        elif n.op == "call_module":
-            m = modules[n.target]
-            if isinstance(m, nn.Conv2d):
-                if m.groups == 1:
-                    add_slots(in_lay, n.target, "in")
-                    sid = spaces.new(m.out_channels, f"ignored ({ignored(n.target)!r})" if ignored(n.target) else None)
-                    spaces.slots[sid] = [Slot(n.target, "out")]
-                    layout[n] = [Segment(sid, m.out_channels)]
-                elif m.groups == m.in_channels == m.out_channels and in_lay is not None:
-                    add_slots(in_lay, n.target, "dw")
-                    layout[n] = in_lay
-                else:
-                    freeze(in_lay, f"grouped convolution {n.target} (groups={m.groups})")
-                    layout[n] = new_layout(n, f"grouped convolution {n.target}")
-            elif isinstance(m, nn.Linear):
-                if in_lay is not None and sum(s.size * s.factor for s in in_lay) == m.in_features:
-                    add_slots(in_lay, n.target, "in")
-                else:
-                    freeze(in_lay, f"{n.target}: input features do not map to channels")
-                sid = spaces.new(m.out_features, f"ignored ({ignored(n.target)!r})" if ignored(n.target) else None)
-                spaces.slots[sid] = [Slot(n.target, "out")]
-                layout[n] = [Segment(sid, m.out_features)]
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                add_slots(in_lay, n.target, "bn")
-                layout[n] = in_lay
-            elif isinstance(m, PASS_MODULES):
-                layout[n] = in_lay
-            elif isinstance(m, nn.Flatten):
-                layout[n] = _flatten(in_lay, shape(ins[0]), shape(n), freeze, n)
+            for a in n.all_input_nodes:
+                b.freeze(b.layout.get(a), "reaches the model output")
+        else:
+            handler, target = _handler(n, modules)
+            if handler is not None:
+                b.layout[n] = handler(b, n, target)
+            elif n.op == "call_module":
+                b.layout[n] = b.unknown(n, f"module {n.target} ({type(target).__name__})")
             else:
-                for a in ins:
-                    freeze(layout.get(a), f"module {n.target} ({type(m).__name__})")
-                layout[n] = new_layout(n, f"output of {n.target} ({type(m).__name__})")
-        elif n.op in ("call_function", "call_method"):
-            fn = n.target
-            tensor_args = [a for a in n.args if isinstance(a, fx.Node)]
-            if (n.op == "call_function" and fn in PASS_FUNCTIONS) or (n.op == "call_method" and fn in PASS_METHODS):
-                layout[n] = in_lay
-            elif (n.op == "call_function" and fn in MERGE_FUNCTIONS) or (n.op == "call_method" and fn in MERGE_METHODS):
-                lays = [spaces.expand(layout.get(a)) for a in tensor_args]
-                if len(lays) == 1:
-                    layout[n] = lays[0]
-                    continue
-                if all(lay is not None for lay in lays) and not _same_segments(lays) and \
-                        len({sum(s.size for s in lay) for lay in lays}) == 1 and \
-                        all(s.factor == 1 for lay in lays for s in lay):
-                    cuts = sorted({c for lay in lays for c in _cuts(lay)})
-                    refined = [spaces.refine(lay, cuts) for lay in lays]
-                    lays = refined if all(r is not None for r in refined) else lays
-                if all(lay is not None for lay in lays) and _same_segments(lays):
-                    for segs in zip(*lays):
-                        for s in segs[1:]:
-                            spaces.union(segs[0].space, s.space)
-                    layout[n] = lays[0]
-                else:
-                    for lay in lays:
-                        freeze(lay, f"{n.name}: operands with different channel layouts")
-                    layout[n] = new_layout(n, f"{n.name}")
-            elif n.op == "call_function" and fn is torch.cat and _cat_on_channels(n, shape):
-                lays = [spaces.expand(layout.get(a)) for a in n.args[0]]
-                layout[n] = None if any(lay is None for lay in lays) else [s for lay in lays for s in lay]
-            elif (n.op == "call_function" and fn is torch.flatten) or (n.op == "call_method" and fn in ("flatten", "view", "reshape")):
-                layout[n] = _flatten(in_lay, shape(ins[0]), shape(n), freeze, n)
-            else:
-                name = getattr(fn, "__name__", str(fn))
-                for a in ins:
-                    freeze(layout.get(a), f"operation {name} ({n.name})")
-                layout[n] = new_layout(n, f"output of {name} ({n.name})")
+                b.layout[n] = b.unknown(n, f"operation {getattr(target, '__name__', str(target))} ({n.name})")
+    spaces = b.spaces
     groups: dict[int, Group] = {}
     for sid in range(len(spaces.parent)):
         if sid in spaces.alias:
@@ -284,6 +324,7 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
         root = spaces.find(sid)
         g = groups.setdefault(root, Group(len(groups), spaces.size[root]))
         g.slots += spaces.slots.get(sid, [])
+        g.multiple = math.lcm(g.multiple, spaces.multiple.get(root, 1), spaces.multiple.get(sid, 1))
         if sid in spaces.frozen and g.frozen is None:
             g.frozen = spaces.frozen[sid]
     return DependencyGraph(model, [g for g in groups.values() if g.slots], modules)
