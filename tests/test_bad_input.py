@@ -473,6 +473,17 @@ def test_distill_out_is_the_student_weights(tmp_path):
             "is the input file", inputs=[weights], out_dir=tmp_path)
 
 
+@pytest.mark.parametrize("folder", ["/proc/demo", "/sys/demo"])
+def test_demo_out_folder_cannot_be_made(folder):
+    refused(["demo", "--out", folder], f"cannot create the folder {folder}", "give a folder you can write")
+
+
+def test_demo_out_is_a_file(tmp_path):
+    f = tmp_path / "results"
+    f.write_text("keep me")
+    refused(["demo", "--out", f], "is a file; give a folder", inputs=[f], out_dir=tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- containers (.smallify)
 
 class MLP(nn.Module):
@@ -663,6 +674,20 @@ def test_interrupted_write_leaves_nothing(out_dir, float_onnx, calib_npz, monkey
     with pytest.raises(fault):
         sm.quantize(str(float_onnx), sm.Float16(), out=out_dir / "q.onnx")
     monkeypatch.setattr(onnx, "save", real)
+    assert listing(out_dir) == [] and sha(float_onnx) == digest
+
+
+def test_ctrl_c_during_the_work(out_dir, float_onnx, calib_npz, monkeypatch):
+    """Ctrl-C while ONNX Runtime works: exit 130 (the shell convention for SIGINT), no traceback, nothing written."""
+    import onnxruntime
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", interrupted)
+    digest = sha(float_onnx)
+    r = runner.invoke(app, ["quantize", str(float_onnx), "--calib", str(calib_npz), "--out", str(out_dir / "q.onnx")])
+    assert r.exit_code == 130 and "Traceback" not in r.output, r.output
     assert listing(out_dir) == [] and sha(float_onnx) == digest
 
 

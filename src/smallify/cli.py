@@ -422,6 +422,16 @@ def demo(
     from smallify.examples.demo import run_demo
 
     try:
+        from smallify.errors import OutputError
+        from smallify.onnx_io import check_writable
+
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"--out {out} is a file; give a folder for the demo's files")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the folder {out} ({e.strerror or e}); give a folder you can write") from None
+        check_writable(out / "results.json")
         run_demo(out, threads, data)
     except SmallifyError as e:
         _fail(str(e))
