@@ -34,22 +34,45 @@ SPEED_MODELS = ("mobilenet_v3ish", "mobilenet_se", "resnet18_224")
 
 
 def cpu_line() -> str:
+    from smallify.measure.machine import cpu_summary
+    from smallify.quant.config import saturating_cpu
+
+    return cpu_summary() + ("; INT8 weights on a 7-bit grid here (reduce_range: no VNNI/AMX)" if saturating_cpu() else "")
+
+
+def ort_peer(model: oc.CorpusModel, folder: Path) -> oc.Outcome:
+    """ONNX Runtime's own ``quantize_static`` (QDQ, per channel, its defaults otherwise) on the same model and
+    calibration data, judged like smallify's int8."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            import onnx
+
+            n = len(next(iter(model.calib.values())))
+            first = onnx.load(str(model.path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+            step = first.dim_value if first.HasField("dim_value") else 8          # a fixed batch: chunks of it
+            self.it = iter({k: v[i:i + step] for k, v in model.calib.items()} for i in range(0, n, step))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = folder / f"{model.name}.ortq.onnx"
     try:
-        from smallify.measure.machine import cpu_summary   # one helper for every table, where present
+        quantize_static(str(model.path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        feeds = {k: v[:16] for k, v in model.calib.items()}
+        ref, got = oc.run_onnx(model.path, feeds), oc.run_onnx(out, feeds)
+    except Exception as e:  # noqa: BLE001 - the peer's failures are what this column records
+        text = " ".join(str(e).split())
+        return oc.Outcome(model.name, "ORT q_static", "fails", f"{type(e).__name__}: ...{text[-110:]}")
+    err = ((ref - got) ** 2).sum()
+    sqnr = float(10 * np.log10((ref ** 2).sum() / err)) if err > 0 else float("inf")
+    return oc.Outcome(model.name, "ORT q_static", "ok", "", sqnr, float("nan"),
+                      oc._file_bytes(out) / oc._file_bytes(model.path), sum(v for k, v in oc.kernels(out).items()
+                                                                             if k in oc.INTEGER_OPS))
 
-        return cpu_summary()
-    except ImportError:
-        import platform
 
-        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-                     platform.processor())
-        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-        isa = [f for f in ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in flags]
-        return f"CPU: {model}; {', '.join(isa) or 'no AMX/VNNI/BF16 flags'}"
-
-
-def quality(folder: Path) -> list[oc.Outcome]:
+def quality(folder: Path, peers: bool = True) -> list[oc.Outcome]:
     outcomes = []
     for name in oc.BUILDERS:
         if name == "mobilenet_v3ish":
@@ -59,6 +82,8 @@ def quality(folder: Path) -> list[oc.Outcome]:
             o = oc.check(model, method, folder)
             outcomes.append(o)
             print(f"  {name:20s} {method:12s} {o.status}", file=sys.stderr, flush=True)
+        if peers:
+            outcomes.append(ort_peer(model, folder))
     return outcomes
 
 
@@ -71,6 +96,16 @@ def print_quality(outcomes: list[oc.Outcome]) -> None:
                   f"{o.integer_kernels:7d}  {floats}")
         else:
             print(f"{o.model:20s} {o.method:12s} {o.status:8s} {'':8s} {'':8s} {'':6s} {'':7s}  {o.message[:160]}")
+    peer = [o for o in outcomes if o.method == "ORT q_static"]
+    outcomes = [o for o in outcomes if o.method != "ORT q_static"]
+    if peer:
+        print(f"\npeer: ONNX Runtime quantize_static (QDQ, per channel) on the same models: "
+              f"{sum(o.status == 'ok' for o in peer)} of {len(peer)} ok; fails on: "
+              + "; ".join(f"{o.model} ({o.message[:90]})" for o in peer if o.status != "ok"))
+        ours = {o.model: o for o in outcomes if o.method == "int8"}
+        print("int8 SQNR dB, smallify vs ORT quantize_static where both ran: " + ", ".join(
+            f"{o.model} {ours[o.model].sqnr:.1f}/{o.sqnr:.1f}" for o in peer if o.status == "ok" and o.model in ours
+            and ours[o.model].status == "ok"))
     crashes = [o for o in outcomes if o.status == "crash"]
     refused = [o for o in outcomes if o.status == "refused"]
     print(f"\n{len(outcomes)} cases: {len(outcomes) - len(crashes) - len(refused)} ok, {len(refused)} refused "
@@ -122,6 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speed", action="store_true", help="also time the CNNs (separate processes)")
     ap.add_argument("--only-speed", action="store_true")
+    ap.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime's quantize_static column")
     ap.add_argument("--runtime", action="append", choices=("onnxruntime", "openvino"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
@@ -131,7 +167,7 @@ def main() -> None:
         folder = Path(tmp)
         if not args.only_speed:
             start = time.perf_counter()
-            print_quality(quality(folder))
+            print_quality(quality(folder, not args.no_peers))
             print(f"quality table: {time.perf_counter() - start:.0f} s")
         if args.speed or args.only_speed:
             speed(folder, args.runtime or ["onnxruntime", "openvino"], args.rounds, args.seconds)
