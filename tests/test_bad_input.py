@@ -370,6 +370,30 @@ def test_config_bad_values(out_dir, float_onnx, calib_npz, extra, message):
     quantize_refused(float_onnx, calib_npz, out_dir, message, extra=extra)
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda: sm.Int8Static(calibration="kl"), "calibration='kl' is not supported; accepted: 'minmax', 'percentile'"),
+    (lambda: sm.Int8Static(weight_bits=0), "weight_bits=0 is not supported; accepted: integers 2..8"),
+    (lambda: sm.WeightOnly(bits=1), "bits=1 is not supported; accepted: integers 2..8"),
+    (lambda: sm.WeightOnly(group_size=1), "group_size=1 is not supported; accepted: an integer >= 2"),
+    (lambda: sm.Float16(dtype="fp32"), "dtype='fp32' is not supported; accepted: 'fp16', 'bf16'"),
+    (lambda: sm.FP8Static(format="e2m5"), "format='e2m5' is not supported; accepted: 'e4m3', 'e5m2'"),
+    (lambda: sm.Int8Static(percentile="high"), "percentile='high' must lie in (50, 100]"),
+    (lambda: sm.Int8Static(max_calibration_samples="5"), "max_calibration_samples='5' must be >= 1 or None"),
+    (lambda: sm.Int8Dynamic(skip=3), "skip=3 is not supported; accepted: a layer-name pattern"),
+    (lambda: sm.Float16(layers=None), "layers=None is not supported; accepted: a layer-name pattern"),
+    (lambda: sm.MixedPrecision(), "MixedPrecision needs max_drop"),
+    (lambda: sm.Int8Static.from_dict({"kind": "weight_only"}), "config kind 'weight_only' given to Int8Static"),
+    (lambda: sm.Int8Static.from_dict({"kind": "int8_static", "schema_version": 99}), "schema_version 99 is newer"),
+    (lambda: sm.quantize(nn.Linear(2, 2), "int8"), "got str"),
+], ids=["calibration", "weight_bits", "bits", "group_size", "dtype", "fp8-format", "percentile-str",
+        "max-samples-str", "skip-int", "layers-none", "mixed-no-target", "from-dict-kind", "from-dict-version",
+        "config-str"])
+def test_config_api_values(make, message):
+    with pytest.raises(sm.ConfigError) as info:
+        make()
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 def test_config_calibrating_method_without_data(out_dir, float_onnx):
     quantize_refused(float_onnx, None, out_dir, "calibrates activations: give --calib data.npz")
 

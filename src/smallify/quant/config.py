@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 
 from smallify.config import Config, check_choice
 from smallify.errors import ConfigError
@@ -84,6 +85,15 @@ def resolve_reduce_range(value) -> bool:
     return value
 
 
+def patterns(name: str, value) -> tuple[str, ...]:
+    """A ``skip``/``layers`` value as a tuple of fnmatch patterns (one string or an iterable of strings)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{name}={value!r} is not supported; accepted: a layer-name pattern (fnmatch) or a list of them")
+
+
 def _first_match(patterns, names) -> str | None:
     return next((p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
 
@@ -162,12 +172,12 @@ class Int8Static(Config):
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("calibration", self.calibration, CALIBRATIONS)
         check_choice("activation_dtype", self.activation_dtype, ACT_DTYPES)
-        if not 50.0 < float(self.percentile) <= 100.0:
+        if not isinstance(self.percentile, numbers.Real) or isinstance(self.percentile, bool) \
+                or not 50.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r} must lie in (50, 100]")
-        if isinstance(self.skip, str):
-            self.skip = (self.skip,)
-        self.skip = tuple(self.skip)
-        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
+        self.skip = patterns("skip", self.skip)
+        if self.max_calibration_samples is not None and (not isinstance(self.max_calibration_samples, numbers.Integral)
+                                                          or self.max_calibration_samples < 1):
             raise ConfigError(f"max_calibration_samples={self.max_calibration_samples!r} must be >= 1 or None")
 
 
@@ -227,7 +237,7 @@ class WeightOnly(Config):
         _check_bits("bits", self.bits)
         _check_group(self.group_size, allow_auto=True)
         self.layer_bits = _check_layer_bits(self.layer_bits)
-        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        self.skip = patterns("skip", self.skip)
 
     def skip_pattern(self, *names: str) -> str | None:
         return _first_match(self.skip, names)
@@ -262,8 +272,8 @@ class Float16(Config):
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, FLOAT_DTYPES)
-        self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        self.layers = patterns("layers", self.layers)
+        self.skip = patterns("skip", self.skip)
 
     def selects(self, *names: str) -> bool:
         return _first_match(self.layers, names) is not None and _first_match(self.skip, names) is None

@@ -38,9 +38,9 @@ class Int8Dynamic(Config):
     reduce_range: bool | str = "auto"     # 7-bit weights where the CPU's integer kernels saturate (Int8Static)
 
     def __post_init__(self):
-        from smallify.quant.config import resolve_reduce_range
+        from smallify.quant.config import patterns, resolve_reduce_range
 
-        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        self.skip = patterns("skip", self.skip)
         self.reduce_range = resolve_reduce_range(self.reduce_range)
 
     @property
