@@ -37,6 +37,14 @@ def _take(t: torch.Tensor | None, idx: torch.Tensor, axis: int = 0):
     return nn.Parameter(kept, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else kept
 
 
+def _take_per_channel(m: nn.Module, idx: torch.Tensor, old: int) -> None:
+    """A quantized twin's per-output-channel scales and zero points follow its rows."""
+    for name in ("weight_scale", "weight_zero_point"):
+        t = getattr(m, name, None)
+        if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == old:
+            setattr(m, name, _take(t, idx))
+
+
 def _depthwise(m: nn.Module) -> bool:
     return m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -62,6 +70,7 @@ class ConvResize:
     def keep(m, dim: str, idx: torch.Tensor) -> None:
         with torch.no_grad():
             if dim in ("out", "dw"):
+                _take_per_channel(m, idx, m.out_channels)
                 m.weight, m.bias = _take(m.weight, idx), _take(m.bias, idx)
                 m.out_channels = len(idx)
                 if dim == "dw":
@@ -86,6 +95,7 @@ class LinearResize:
     def keep(m, dim: str, idx: torch.Tensor) -> None:
         with torch.no_grad():
             if dim == "out":
+                _take_per_channel(m, idx, m.out_features)
                 m.weight, m.bias = _take(m.weight, idx), _take(m.bias, idx)
                 m.out_features = len(idx)
             else:
