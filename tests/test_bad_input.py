@@ -114,6 +114,26 @@ def test_model_without_nodes(tmp_path, out_dir, calib_npz):
     quantize_refused(p, calib_npz, out_dir, "empty_graph.onnx")
 
 
+def test_model_external_data_missing(tmp_path, out_dir, calib_npz, float_onnx):
+    m = onnx.load(float_onnx)
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    (tmp_path / "m.onnx.data").unlink()
+    quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, "m.onnx is not a valid ONNX model", "m.onnx.data")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.opset_import[0].__setattr__("version", 99), "uses ONNX opset 99; this installation reads opsets up to"),
+    (lambda m: m.graph.node[0].__setattr__("op_type", "FancyConv"), "No Op registered for FancyConv"),
+    (lambda m: m.graph.input[0].type.tensor_type.__setattr__("elem_type", onnx.TensorProto.STRING),
+     "ONNX Runtime cannot load the model"),
+], ids=["opset-99", "unknown-op", "string-input"])
+def test_model_the_runtime_cannot_run(tmp_path, out_dir, calib_npz, float_onnx, edit, message):
+    m = onnx.load(float_onnx)
+    edit(m)
+    onnx.save(m, tmp_path / "m.onnx")
+    quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, message)
+
+
 NAN_METHODS = [m for m in cli.METHODS]   # every method the CLI offers (int8, weight-only, fp8, fp16, bf16, mixed, ...)
 
 

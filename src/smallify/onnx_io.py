@@ -26,6 +26,11 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a valid ONNX model ({first[:200]})") from None
     if not model.graph.node:
         raise ModelError(f"{path} holds an ONNX graph with no nodes")
+    newest = onnx.defs.onnx_opset_version()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > newest:
+        raise ModelError(f"{path} uses ONNX opset {opset}; this installation reads opsets up to {newest}: "
+                         f"export the model at opset {newest} or lower")
     return model
 
 
