@@ -3,7 +3,6 @@ boolean flags in their --x/--no-x form, messages that say what happened (data-fr
 groups that did not shrink), and `smallify bench` in separate processes."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -197,7 +196,7 @@ def test_distill_reports_accuracy_each_epoch(tmp_path, monkeypatch):
     assert lines[-1] == f"wrote {tmp_path / 's.smallify'}"
 
 
-def test_progress_bars_show_time_remaining():
+def test_progress_bars_show_time_remaining_on_stderr(monkeypatch):
     from rich.progress import TimeRemainingColumn
 
     import smallify.progress as progress
@@ -207,20 +206,19 @@ def test_progress_bars_show_time_remaining():
 
     def recording(*columns, **kwargs):
         seen.extend(type(c) for c in columns)
+        seen.append(kwargs["console"].stderr)
         return real(*columns, **kwargs)
-    import pytest as _pytest
-    with _pytest.MonkeyPatch.context() as mp:
-        mp.setattr(progress, "Progress", recording)
-        assert list(progress.track(range(3), "x", True)) == [0, 1, 2]
-    assert TimeRemainingColumn in seen
+    monkeypatch.setattr(progress, "Progress", recording)
+    assert list(progress.track(range(3), "x", True)) == [0, 1, 2]
+    assert TimeRemainingColumn in seen and seen[-1] is True
 
 
 def test_pruning_with_reconstruction_shows_progress(monkeypatch):
-    import sys as _sys
+    import sys
 
     import smallify as sm
 
-    channel = _sys.modules["smallify.prune.channel"]
+    channel = sys.modules["smallify.prune.channel"]
     steps = []
     real = channel.track
 
