@@ -369,7 +369,8 @@ def main(argv=None) -> None:
             return
         counts, found, seconds = run_mutate(target, args.execs, args.seed, args.timeout, args.crashes, 15.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n{args.target}: {args.execs:,} execs in {seconds:.0f} s ({args.execs / seconds:,.0f}/s), seed {args.seed}: "
+    print(f"\n{args.target}: {args.execs:,} execs in {seconds:.0f} s ({args.execs / seconds:,.0f}/s), "
+          f"seed {args.seed}: "
           f"{counts['ok']:,} loaded, {counts['error']:,} typed errors, {len(found)} finding(s); "
           f"peak RSS {peak:.0f} MiB")
     for key, (name, tb) in found.items():

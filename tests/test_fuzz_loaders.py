@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import smallify as sm
 from smallify.data import load_npz
 
-spec = importlib.util.spec_from_file_location("fuzz_loaders", Path(__file__).parents[1] / "benchmarks" / "fuzz_loaders.py")
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "fuzz_loaders.py"
+spec = importlib.util.spec_from_file_location("fuzz_loaders", SCRIPT)
 fuzz = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fuzz)
 
