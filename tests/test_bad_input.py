@@ -280,6 +280,26 @@ def test_calib_float16_is_accepted_and_said(tmp_path, out_dir, float_onnx, calib
     assert "calibrated on 64 sample(s)" in r.stdout or "64 sample" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("data,message", [
+    (torch.randn(4, 3), "batch 0 ({'input_1': '(4, 3) float32'}): mat1 and mat2 shapes cannot be multiplied"),
+    (torch.randn(4, 8).half(), "({'input_1': '(4, 8) float16'}): mat1 and mat2 must have the same dtype, but got "
+     "Half and Float; give batches that the model's forward takes"),
+    ("missing.npz", "calibration file missing.npz does not exist"),
+], ids=["shape", "float16", "missing-npz"])
+def test_module_calibration_the_model_cannot_run(data, message):
+    """PyTorch path: batches the model's forward rejects are a DataError naming the batch (was RuntimeError)."""
+    with pytest.raises(sm.DataError) as info:
+        sm.quantize(nn.Sequential(nn.Linear(8, 4)), sm.Int8Static(), data, progress=False)
+    assert message in str(info.value), str(info.value)
+
+
+def test_module_calibration_from_an_npz_path(tmp_path):
+    """The API's .npz path works on the PyTorch path too, read lazily up to max_calibration_samples."""
+    p = npz(tmp_path / "c.npz", whatever=np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    q = sm.quantize(nn.Sequential(nn.Linear(8, 4)), sm.Int8Static(max_calibration_samples=12), str(p), progress=False)
+    assert "calibrated on 12 sample(s)" in str(q.quant_report)
+
+
 def stored_npy_zip(path, name, header: bytes, payload_chunks, size: int, crc: int, method: int = 0):
     """A .npz (zip) with one member written by hand: ``payload_chunks`` are the member's bytes as stored
     (deflated when ``method`` is 8), ``size`` and ``crc`` describe the uncompressed member."""

@@ -54,11 +54,15 @@ def batches(data, names: list[str], batch_size: int = 32, limit: int | None = No
     """
     if data is None:
         raise DataError("no calibration data given; pass an iterable of batches, a tensor or a dict of arrays")
+    if isinstance(data, (str, os.PathLike)):
+        data = load_npz(data, limit)            # a .npz path: read lazily, at most ``limit`` samples
     if isinstance(data, (torch.Tensor, np.ndarray)):
         if len(names) != 1:
             raise DataError(f"the model has {len(names)} inputs {names}; give a dict keyed by input name")
         source: Iterable = _split({names[0]: data}, batch_size)
     elif isinstance(data, Mapping) and data and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data.values()):
+        if len(data) == 1 and len(names) == 1:      # a single array may use any key (as in a .npz)
+            data = {names[0]: next(iter(data.values()))}
         source = _split(data, batch_size)
     elif isinstance(data, Iterable):
         source = data
