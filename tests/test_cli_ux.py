@@ -143,35 +143,6 @@ def test_narrow_tables_keep_model_names_whole():
     assert "…" not in console.export_text()
 
 
-def test_cpu_summary_names_the_isa_that_matters():
-    from smallify.measure.machine import cpu_info, cpu_summary
-
-    text = "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
-    assert cpu_info(text)["isa"] == {"AMX": False, "AVX-512 VNNI": True, "AVX-512 BF16": True}
-    assert cpu_summary(text).startswith("CPU: AMD EPYC 9R14 96-Core Processor, ")
-    assert cpu_summary(text).endswith("; AMX no, AVX-512 VNNI yes, AVX-512 BF16 yes")
-    spr = "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
-    assert cpu_summary(spr).endswith("AMX yes, AVX-512 VNNI yes, AVX-512 BF16 yes")
-
-
-def test_sessions_timed_in_turn_do_not_spin(tiny_onnx, monkeypatch):
-    import onnxruntime as ort
-
-    from smallify.measure.latency import ort_runner
-
-    entries = {}
-    real = ort.SessionOptions.add_session_config_entry
-
-    class Recording(ort.SessionOptions):
-        def add_session_config_entry(self, key, value):
-            entries[key] = value
-            return real(self, key, value)
-    monkeypatch.setattr(ort, "SessionOptions", Recording)
-    run_model, inputs = ort_runner(tiny_onnx, 2)
-    assert entries == {"session.intra_op.allow_spinning": "0"}
-    assert run_model({inputs[0].name: np.zeros((1, 3, 8, 8), np.float32)}).shape == (1, 4, 6, 6)
-
-
 def test_distill_reports_accuracy_each_epoch(tmp_path, monkeypatch):
     (tmp_path / "kdnets.py").write_text(
         "import torch\n"
