@@ -62,9 +62,9 @@ def check_writable(path: str | os.PathLike, inputs=()) -> Path:
 def _same_file(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` name one file (symlinks resolved, hard links compared by inode)."""
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
+        if not b.exists():          # an input that is not there cannot be overwritten (its own error follows)
+            return False
+        return os.path.samefile(a, b) if a.exists() else a.resolve() == b.resolve()
     except OSError:
         return False
 
