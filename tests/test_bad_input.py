@@ -510,7 +510,7 @@ def test_prune_onnx_output_unwritable_writes_nothing(out_dir):
 
 
 def test_prune_both_outputs_one_file(out_dir):
-    refused(["prune", "--out", out_dir / "o.smallify", "--onnx", out_dir / "o.smallify"], "is the input file",
+    refused(["prune", "--out", out_dir / "o.smallify", "--onnx", out_dir / "o.smallify"], "name one file",
             out_dir=out_dir)
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import ConfigError, ModelError, SmallifyError
+from smallify.errors import ConfigError, ModelError, OutputError, SmallifyError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Make trained neural networks small and fast, and measure it.")
@@ -254,7 +254,9 @@ def prune(
 
         check_writable(out, (weights, calib))
         if onnx_out is not None:
-            check_writable(onnx_out, (weights, calib, out))
+            if onnx_out.resolve() == out.resolve():
+                raise OutputError(f"--onnx {onnx_out} and --out {out} name one file; give each output its own name")
+            check_writable(onnx_out, (weights, calib))
         config = ChannelPrune(ratio=ratio, importance=importance, scope=scope, ignore=tuple(ignore),
                               round_to=round_to, reconstruct=reconstruct, branches=branches)
         net = _model_from(model, weights, "model")
@@ -422,7 +424,6 @@ def demo(
     from smallify.examples.demo import run_demo
 
     try:
-        from smallify.errors import OutputError
         from smallify.onnx_io import check_writable
 
         if out.exists() and not out.is_dir():
