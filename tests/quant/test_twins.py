@@ -107,3 +107,29 @@ def test_without_its_twin_conv1d_is_listed_float(tiny_gpt2):
         qmod.REGISTRY[key] = twin
     assert rep.quantized == [] and len(rep.floating) == 15
     assert rep.floating["h.0.attn.c_attn"] == "Conv1D has no INT8 implementation (handled: Conv2d, Linear)"
+
+
+def test_quantized_gpt2_exports_to_the_same_numbers(tiny_gpt2, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    cfg, model = tiny_gpt2
+
+    class LastHidden(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(ids, use_cache=False).last_hidden_state
+
+    x = torch.randint(0, 200, (32, 16), generator=torch.Generator().manual_seed(3))
+    q = sm.quantize(LastHidden(model), sm.Int8Static(), x, progress=False)
+    sm.export_onnx(q, tmp_path / "g.onnx", x[:2])
+    got = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x[:8].numpy()})[0]
+    with torch.no_grad():
+        want = q(x[:8])
+    assert sqnr_db(want, torch.from_numpy(got)) > 60           # the Q/DQ graph computes the fake-quantized model
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(tmp_path / "g.onnx").graph.node]
+    assert ops.count("QuantizeLinear") >= 8                      # one input quantizer per Conv1D
