@@ -133,3 +133,23 @@ def test_quantized_gpt2_exports_to_the_same_numbers(tiny_gpt2, tmp_path):
 
     ops = [n.op_type for n in onnx.load(tmp_path / "g.onnx").graph.node]
     assert ops.count("QuantizeLinear") >= 8                      # one input quantizer per Conv1D
+
+
+def test_untraced_layers_that_never_run_stay_float_and_say_so():
+    class Branchy(nn.Module):            # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.a, self.ln, self.unused = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.ln(self.a(x if x.sum() > 0 else -x))
+
+    torch.manual_seed(0)
+    m = Branchy().eval()
+    x = torch.randn(16, 4)
+    q = sm.quantize(m, sm.Int8Static(), x, progress=False)
+    assert q.report.quantized == ["a"] and q.report.activations == 1
+    assert q.report.floating["unused"] == "not called on the calibration data"
+    assert type(q.unused) is nn.Linear
+    with torch.no_grad():
+        assert sqnr_db(m(x), q(x)) > 30

@@ -216,21 +216,27 @@ def quantize_untraced(model: nn.Module, config: Int8Static, data, progress: bool
     model = fold_batchnorm(model)
     reports, chosen = _layer_reports(model.named_modules(), config)
     fmt = config.activation_format
-    quantizers = []
+    quantizers, originals = {}, {}
     for name in sorted(chosen):
         m = model.get_submodule(name)
         klass = qmod.lookup(m)
         twin = klass.from_float(m, config.weight_spec(name, in_channels=klass.float_weight(m).shape[1]))
         obs = None if data is None else observers.make_observer(config.calibration, config.percentile, name, fmt)
         twin.input_quant = qmod.ActQuant(fmt, obs, name)
-        quantizers.append(twin.input_quant)
+        quantizers[name], originals[name] = twin.input_quant, m
         qmod.replace_module(model, name, twin)
     names = _input_names(model, data)
     start = time.perf_counter()
     samples = _calibrate(lambda batch: model(**batch), names, data, config, progress)
     if data is not None:
-        for q in quantizers:
-            q.freeze()
+        by_name = {r.name: r for r in reports}
+        for name, q in list(quantizers.items()):
+            try:
+                q.freeze()
+            except DataError:       # the layer never ran on the calibration data: no input range to quantize
+                qmod.replace_module(model, name, originals[name])
+                del quantizers[name]
+                by_name[name].status, by_name[name].reason = "float", "not called on the calibration data"
     model.quant_config, model.input_names = config, names
     model.quant_report = model.report = QuantReport(config.to_dict(), reports, len(quantizers), samples,
                                                     time.perf_counter() - start, "transformer")
