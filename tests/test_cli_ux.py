@@ -204,3 +204,10 @@ def test_pruning_with_reconstruction_shows_progress(monkeypatch):
     x = torch.randn(32, 3, 10, 10)
     sm.prune(net, sm.ChannelPrune(ratio=0.5, reconstruct=True), x[:2], data=x, progress=True)
     assert ("capturing layer inputs", True, 1) in steps and ("least-squares reconstruction", True, 2) in steps
+    from smallify.examples.models import ResNet
+
+    monkeypatch.setattr(sys.modules["smallify.prune.branches"], "track", recording)
+    x = torch.randn(16, 1, 28, 28)
+    sm.prune(ResNet((2, 2), (8, 16), 1, 10, "small"), sm.ChannelPrune(ratio=0.0, branches=1), x[:2], data=x,
+             progress=True)
+    assert ("ranking residual branches", True, 4) in steps

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_macs
+from smallify.progress import track
 from smallify.prune.graph import trace
 
 ADVICE = "make the forward traceable to find its residual branches"
@@ -139,7 +140,8 @@ def removed_branches(model: nn.Module) -> list[list]:
 
 
 @torch.no_grad()
-def choose_branches(model: nn.Module, count: int, example_inputs, data, limit: int = 512) -> tuple[list[dict], list[Branch]]:
+def choose_branches(model: nn.Module, count: int, example_inputs, data, limit: int = 512,
+                    progress: bool = False) -> tuple[list[dict], list[Branch]]:
     """The ``count`` branches whose removal, each alone, adds the least relative squared output error per MAC
     it saves, on up to ``limit`` samples of ``data``. (Scored one at a time against the whole model: on the
     bundled ResNet a greedy, one-after-the-other choice took out a last-stage block whose loss fine-tuning
@@ -162,7 +164,7 @@ def choose_branches(model: nn.Module, count: int, example_inputs, data, limit: i
     power = sum(float((r ** 2).sum()) for r in reference)
     macs0 = count_macs(model, example_inputs)
     scored = []
-    for c in candidates:
+    for c in track(candidates, "ranking residual branches", progress):
         trial = remove_branches(model, [c]).eval()
         err = sum(float(((trial(x) - r) ** 2).sum()) for x, r in zip(batches, reference)) / max(power, 1e-30)
         saved = 1 - count_macs(trial, example_inputs) / macs0

@@ -335,7 +335,7 @@ def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=N
     start = time.perf_counter()
     model = copy.deepcopy(model).eval()
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
-    removed, chosen = choose_branches(model, config.branches, example_inputs, data)
+    removed, chosen = choose_branches(model, config.branches, example_inputs, data, progress=progress)
     if chosen:
         model = remove_branches(model, chosen).eval()
     graph = build(model, example_inputs, config.ignore)
