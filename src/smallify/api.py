@@ -88,9 +88,6 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
 
         if out is not None:
             onnx_io.check_writable(out, (model, data))   # also refuses the data file, hard links
-            if isinstance(model, (str, os.PathLike)) and os.path.realpath(out) == os.path.realpath(model):
-                raise ConfigError(f"the output {out} is the input model: give another --out (smallify never "
-                                  "overwrites the model it reads)")
         plan = None
         if isinstance(config, MixedPrecision):
             from smallify.quant.mixed import mixed_onnx
