@@ -183,7 +183,7 @@ def main(argv=None) -> None:
                 t = teacher(x)
             return 0.9 * kd_loss_fn(out, t, 4.0) + 0.1 * torch.nn.functional.cross_entropy(out, y)
 
-        sparse = sm.prune_gradually(teacher, sm.Unstructured(sparsity=0.9), data,
+        sparse = sm.prune_gradually(teacher, data, sm.Unstructured(sparsity=0.9),
                                     sm.TrainConfig(epochs=args.sparse_epochs, lr=args.lr), loss_fn=sparse_loss,
                                     progress=progress)
         sm.save(sparse, tmp / "sparse.smallify")

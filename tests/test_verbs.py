@@ -31,8 +31,8 @@ def _data():
     (lambda m, d: sm.distill(m, m, d, sm.KD(), sm.KD()), r"distill\(\) takes train_config of type TrainConfig; got KD"),
     (lambda m, d: sm.train(m, d, sm.KD()), r"train\(\) takes config of type TrainConfig; got KD \(KD configures distill\)"),
     (lambda m, d: sm.sparsify(m, sm.ChannelPrune()), r"sparsify\(\) takes config of type Unstructured; got ChannelPrune"),
-    (lambda m, d: sm.prune_gradually(m, sm.ChannelPrune(), d), r"prune_gradually\(\) takes config of type Unstructured"),
-    (lambda m, d: sm.prune_gradually(m, sm.Unstructured(), d, sm.KD()), r"prune_gradually\(\) takes train_config of type TrainConfig"),
+    (lambda m, d: sm.prune_gradually(m, d, sm.ChannelPrune()), r"prune_gradually\(\) takes config of type Unstructured"),
+    (lambda m, d: sm.prune_gradually(m, d, sm.Unstructured(), sm.KD()), r"prune_gradually\(\) takes train_config of type TrainConfig"),
     (lambda m, d: sm.prune_attention(m, sm.ChannelPrune()), r"prune_attention\(\) takes config of type AttentionPrune"),
     (lambda m, d: sm.quantize(m, sm.ChannelPrune(), torch.randn(4, 8)),
      r"quantize\(\) takes config of type MixedPrecision, Int8Static, .*WeightOnly, Float16; got ChannelPrune \(ChannelPrune configures prune\)"),
@@ -43,6 +43,25 @@ def test_a_wrong_config_type_is_a_config_error_naming_the_accepted_types(call, m
     with pytest.raises(sm.ConfigError, match=message):
         call(_mlp(), _data())
 
+
+
+def test_the_training_verbs_take_data_then_config_under_the_same_names():
+    import inspect
+
+    for verb in (sm.train, sm.qat, sm.distill, sm.prune_gradually):
+        names = list(inspect.signature(verb).parameters)
+        assert names.index("config") == names.index("data") + 1, verb.__name__
+        assert {"eval_fn", "checkpoint", "progress"} <= set(names), verb.__name__
+    assert "train_config" in inspect.signature(sm.distill).parameters
+    assert "train_config" in inspect.signature(sm.prune_gradually).parameters
+    # the order of the releases before (config, then data) gives the same model, with a DeprecationWarning
+    config, train_config = sm.Unstructured(sparsity=0.5), sm.TrainConfig(epochs=2, lr=1e-2)
+    new = sm.prune_gradually(_mlp(), _data(), config, train_config, progress=False)
+    with pytest.warns(DeprecationWarning, match=r"pass data first.*prune_gradually\(model, data, config\)"):
+        old = sm.prune_gradually(_mlp(), config, _data(), train_config, progress=False)
+    assert sm.sparsity_of(new) == pytest.approx(0.5, abs=0.02)
+    for a, b in zip(new.state_dict().values(), old.state_dict().values()):
+        assert torch.equal(a, b)
 
 def _is_report(result, *aliases):
     rep = result.report

@@ -72,7 +72,7 @@ def test_gradual_schedule_ramps_to_the_target():
     x, y = torch.randn(512, 64), (torch.randn(512, 64)[:, :10]).argmax(1)
     model = _mlp()
     seen = _sparsity_trace(model)
-    m = sm.prune_gradually(model, sm.Unstructured(sparsity=0.8), sm.TrainData(x, y, batch_size=32),
+    m = sm.prune_gradually(model, sm.TrainData(x, y, batch_size=32), sm.Unstructured(sparsity=0.8),
                            sm.TrainConfig(epochs=2, lr=1e-2), progress=False, update_every=4)
     assert sm.sparsity_of(m) == pytest.approx(0.8, abs=2e-3) and not parametrize.is_parametrized(m[0])
     # 32 steps: the masks follow the cubic ramp every 4 steps during training (not only at the end)
@@ -88,7 +88,7 @@ def test_gradual_schedule_fits_a_short_run():
     x, y = torch.randn(384, 64), (torch.randn(384, 64)[:, :10]).argmax(1)
     model = _mlp()
     seen = _sparsity_trace(model)
-    m = sm.prune_gradually(model, sm.Unstructured(sparsity=0.9), sm.TrainData(x, y, batch_size=32),
+    m = sm.prune_gradually(model, sm.TrainData(x, y, batch_size=32), sm.Unstructured(sparsity=0.9),
                            sm.TrainConfig(epochs=2, lr=1e-2), progress=False)
     assert m.sparsity_schedule == {"total_steps": 24, "update_every": 1, "ramp_steps": 18}
     assert len(seen) == 24 and len(set(round(s, 4) for s in seen)) >= 10      # >= 10 distinct levels
@@ -102,9 +102,9 @@ def test_gradual_schedule_refuses_what_would_be_one_shot():
     data, cfg = sm.TrainData(x, y, batch_size=32), sm.TrainConfig(epochs=2, lr=1e-2)
     with pytest.raises(ConfigError, match=r"update_every=50 updates the masks 0 time\(s\) during the 18-step "
                                           r"ramp of this 24-step run .*accepted: at most 4, or None"):
-        sm.prune_gradually(_mlp(), sm.Unstructured(sparsity=0.9), data, cfg, progress=False, update_every=50)
+        sm.prune_gradually(_mlp(), data, sm.Unstructured(sparsity=0.9), cfg, progress=False, update_every=50)
     with pytest.raises(ConfigError, match="needs at least 6 training steps; this run has 3"):
-        sm.prune_gradually(_mlp(), sm.Unstructured(sparsity=0.9), sm.TrainData(x[:96], y[:96], batch_size=32),
+        sm.prune_gradually(_mlp(), sm.TrainData(x[:96], y[:96], batch_size=32), sm.Unstructured(sparsity=0.9),
                            sm.TrainConfig(epochs=1), progress=False)
 
 

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import fnmatch
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -161,15 +162,22 @@ def schedule_interval(total: int, update_every: int | None = None, ramp: float =
     return update_every
 
 
-def prune_gradually(model: nn.Module, config: Unstructured, data, train_config=None, loss_fn=None, eval_fn=None,
-                    checkpoint=None, progress: bool = True, update_every: int | None = None) -> nn.Module:
-    """Fine-tune ``model`` while its sparsity ramps from 0 to ``config.sparsity`` over the first 3/4 of the
-    run (cubic schedule), the masks recomputed every ``update_every`` steps (default: derived from the run's
-    length, about 16 updates; see ``schedule_interval``), then held while the model recovers. Returns the
-    model with its masks folded in (``finalize``), ``train_history`` and ``sparsity_schedule`` set."""
+def prune_gradually(model: nn.Module, data, config: Unstructured | None = None, train_config=None, loss_fn=None,
+                    eval_fn=None, checkpoint=None, progress: bool = True, update_every: int | None = None) -> nn.Module:
+    """Fine-tune ``model`` on ``data`` (``TrainData``) while its sparsity ramps from 0 to ``config.sparsity``
+    (default ``Unstructured()``) over the first 3/4 of the run (cubic schedule), the masks recomputed every
+    ``update_every`` steps (default: derived from the run's length, about 16 updates; see
+    ``schedule_interval``), then held while the model recovers; ``train_config``, ``loss_fn``, ``eval_fn``,
+    ``checkpoint``: as in ``smallify.train``. Returns the model with its masks folded in (``finalize``),
+    ``train_history`` and ``sparsity_schedule`` set. The order of the releases before (config before data)
+    still works for one release, with a DeprecationWarning."""
     from smallify.train import TrainConfig, train
 
-    check_config(config, Unstructured, "prune_gradually")
+    if isinstance(data, Config):       # prune_gradually(model, config, data, ...): the order before
+        warnings.warn("prune_gradually(model, config, data) is deprecated; pass data first, as in train, distill "
+                      "and qat: prune_gradually(model, data, config)", DeprecationWarning, stacklevel=2)
+        data, config = config, data
+    config = check_config(config, Unstructured, "prune_gradually") or Unstructured()
     check_config(train_config, TrainConfig, "prune_gradually", "train_config")
     model = sparsify(model, dataclasses.replace(config, sparsity=0.0) if config.nm is None else config)
     model.sparsity_config = config
