@@ -51,7 +51,7 @@ def test_prune_writes_both_outputs_or_neither(tmp_path, tiny_net, monkeypatch):
 
 
 def test_write_all_is_all_or_none(tmp_path):
-    from smallify.onnx_io import write_all
+    from smallify.files import write_all
 
     def fail(tmp):
         raise OSError("disk full")

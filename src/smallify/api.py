@@ -84,31 +84,31 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
         convert = {Int8Dynamic: dynamic_module, WeightOnly: weight_only_module, Float16: half_module}[type(config)]
         return convert(model, config)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        from smallify import onnx_io
+        from smallify.onnx import io as onnx_io
 
         if out is not None:
             onnx_io.check_writable(out, (model, data))   # also refuses the data file, hard links
         plan = None
         if isinstance(config, MixedPrecision):
-            from smallify.quant.mixed import mixed_onnx
+            from smallify.onnx.mixed import mixed_onnx
 
             proto, report, plan = mixed_onnx(model, config, data, eval_fn, None, progress)
         elif static:
-            from smallify.quant.onnx import quantize_onnx
+            from smallify.onnx.quantize import quantize_onnx
 
             proto, report = quantize_onnx(model, config, data, None, progress)
         elif isinstance(config, Int8Dynamic):
-            from smallify.quant.dynamic import dynamic_onnx
+            from smallify.onnx.dynamic import dynamic_onnx
 
             proto, report = dynamic_onnx(model, config, None)
         else:
-            from smallify.quant.weight_only import convert_onnx
+            from smallify.onnx.weight_only import convert_onnx
 
             proto, report = convert_onnx(model, config, None)
         if not report.quantized:
             raise ModelError(nothing_quantized(config, report))
         if out is not None:
-            from smallify.quant.onnx import save_onnx
+            from smallify.onnx.io import save_onnx
 
             save_onnx(proto, out)
         return QuantizedONNX(proto, None if out is None else str(out), report, plan)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from smallify import onnx_io
+from smallify.onnx import io as onnx_io
 from smallify.measure.latency import bench_interleaved, openvino_runner, ort_runner, random_feed
 from smallify.measure.machine import cpu_info, cpu_summary
 from smallify.measure.size import file_size, format_bytes

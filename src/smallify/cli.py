@@ -130,7 +130,7 @@ def quantize(
         needs_data = method in ("int8", "mixed", "fp8")
         if needs_data and calib is None:
             raise ConfigError(f"--method {method} calibrates activations: give --calib data.npz")
-        from smallify.onnx_io import check_writable
+        from smallify.files import check_writable
 
         check_writable(out, (input, calib))     # before any work: never the input, and really writable
         if needs_data:
@@ -250,7 +250,7 @@ def prune(
     from smallify.prune import prune as prune_verb
 
     try:
-        from smallify.onnx_io import check_writable
+        from smallify.files import check_writable
 
         check_writable(out, (weights, calib))
         if onnx_out is not None:
@@ -274,7 +274,7 @@ def prune(
             data = torch.from_numpy(calibration_images(512))
         example = _example_batch(model, input_shape, arrays)
         pruned = prune_verb(net, config, example, data=data, progress=sys.stderr.isatty())
-        from smallify.onnx_io import write_all
+        from smallify.files import write_all
 
         writers = {out: lambda tmp: save(pruned, tmp)}
         if onnx_out is not None:
@@ -316,7 +316,7 @@ def distill(
     from smallify.train import TrainConfig, TrainData, is_main_process, rank_and_world
 
     try:
-        from smallify.onnx_io import check_writable
+        from smallify.files import check_writable
 
         check_writable(out, (student_weights, teacher_weights, data, checkpoint))
         config, train_config = KD(temperature=temperature, alpha=alpha), TrainConfig(epochs=epochs, lr=lr)
@@ -398,7 +398,7 @@ def bench(
 ):
     """Size on disk and latency (median, p90) of ONNX models, measured side by side."""
     from smallify.bench import bench_onnx_files, print_table, write_json
-    from smallify.onnx_io import check_writable
+    from smallify.files import check_writable
 
     try:
         if json_out:
@@ -424,7 +424,7 @@ def demo(
     from smallify.examples.demo import run_demo
 
     try:
-        from smallify.onnx_io import check_writable
+        from smallify.files import check_writable
 
         if out.exists() and not out.is_dir():
             raise OutputError(f"--out {out} is a file; give a folder for the demo's files")

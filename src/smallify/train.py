@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smallify import onnx_io
+from smallify import files
 from smallify.config import Config, check_choice, check_config
 from smallify.errors import ConfigError, DataError, ModelError, SmallifyError
 from smallify.progress import track
@@ -149,7 +149,7 @@ def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 def _save_checkpoint(path: Path, model: nn.Module, opt, sched, step: int, history: list) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "step": step, "history": history}
-    onnx_io.write_atomic(path, lambda tmp: torch.save(state, tmp))
+    files.write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def _resume(path: Path, model: nn.Module, opt, sched) -> tuple[int, list]:
@@ -207,7 +207,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig | None = None, 
     step, history, resumed = 0, [], None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None:
-        onnx_io.check_writable(ckpt)
+        files.check_writable(ckpt)
         if ckpt.is_file():
             step, history = _resume(ckpt, model, opt, sched)
             resumed = step

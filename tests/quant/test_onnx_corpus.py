@@ -156,7 +156,7 @@ def test_large_model_path_through_external_data(corpus, tmp_path, monkeypatch, m
     """Models over 1 GB (protobuf's 2 GB cap) travel through files with external data: the same code runs
     here on a small model with the threshold lowered to 1 byte."""
     import smallify as sm
-    from smallify.quant import onnx as qonnx
+    from smallify.onnx import io as qonnx
 
     get, _ = corpus
     model = get("external_data")

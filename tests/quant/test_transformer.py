@@ -56,8 +56,8 @@ def test_auto_scheme_picks_transformer_and_stays_close(tiny_bert_onnx, tmp_path)
 
 
 def test_smoothing_is_exact_in_float(tiny_bert_onnx):
-    from smallify.quant.onnx import preprocess
-    from smallify.quant.smooth import smooth_onnx
+    from smallify.onnx.prepare import preprocess
+    from smallify.onnx.smooth import smooth_onnx
 
     path, _, data = tiny_bert_onnx
     model = preprocess(onnx.load(path))

@@ -512,7 +512,7 @@ def _file_bytes(path: Path) -> int:
 def check(model: CorpusModel, method: str, folder: str | os.PathLike) -> Outcome:
     """Quantize ``model`` with ``method``; compare its output with the float model's."""
     import smallify as sm
-    from smallify.quant.onnx import opset_of
+    from smallify.onnx.prepare import opset_of
 
     out = Path(folder) / f"{model.name}.{method}.onnx"
     try:

@@ -15,14 +15,17 @@ import onnx
 import torch
 from torch import nn
 
-from smallify import onnx_io
+from smallify.onnx import io as onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
-from smallify.quant.dynamic import DynamicQuantLinear, quantize_dynamic_matmuls
+from smallify.quant.dynamic import DynamicQuantLinear
+from smallify.onnx.dynamic import quantize_dynamic_matmuls
 from smallify.quant.primitives import FloatFormat
-from smallify.quant.weight_only import HalfPrecision, store_half
-from smallify.quant.onnx import compact, fold_relu_into_quantize, reduce_mean_to_global_average_pool
-from smallify.quant.onnx_weights import quantize_weights
+from smallify.quant.weight_only import HalfPrecision
+from smallify.onnx.weight_only import store_half
+from smallify.onnx.quantize import compact, fold_relu_into_quantize
+from smallify.onnx.prepare import reduce_mean_to_global_average_pool
+from smallify.onnx.weights import quantize_weights
 
 
 class _ExportActQuant(nn.Module):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-_WEIGHT_OPS = {"Conv": "conv", "Gemm": "linear", "MatMul": "matmul"}
+WEIGHT_OPS = {"Conv": "conv", "Gemm": "linear", "MatMul": "matmul"}
 
 
 def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -29,7 +29,7 @@ def weight_input(node: onnx.NodeProto, consts: dict) -> int | None:
 def layer_name(node: onnx.NodeProto, consts: dict | None = None) -> str:
     """A layer's name for people: its weight's name without '.weight' (the PyTorch module path for exported
     models), else the node's name."""
-    if consts is not None and node.op_type in _WEIGHT_OPS:
+    if consts is not None and node.op_type in WEIGHT_OPS:
         w = weight_input(node, consts)
         if w is not None and node.input[w].endswith(".weight"):
             return node.input[w][: -len(".weight")]

@@ -19,7 +19,7 @@ from smallify.quant import observers
 
 def _weight_matmuls(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Activation tensor -> the MatMul nodes that multiply it by a constant 2-D weight."""
-    from smallify.quant.onnx_graph import constants, weight_input
+    from smallify.onnx.graph import constants, weight_input
 
     consts = constants(model)
     groups: dict[str, list[onnx.NodeProto]] = {}
@@ -38,7 +38,7 @@ def smooth_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
 
 def smooth_onnx(model: onnx.ModelProto, data, config, alpha: float, progress: bool = True) -> int:
     """Apply SmoothQuant with strength ``alpha`` in place; returns how many tensors were smoothed."""
-    from smallify.quant.onnx import calibrate
+    from smallify.onnx.calibrate import calibrate
 
     groups = _weight_matmuls(model)
     if not groups:
@@ -73,7 +73,7 @@ def smooth_onnx(model: onnx.ModelProto, data, config, alpha: float, progress: bo
                 ordered.append(new_nodes[o])
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-    from smallify.quant.onnx_graph import drop_unused_initializers
+    from smallify.onnx.graph import drop_unused_initializers
 
     drop_unused_initializers(model)
     return len(new_nodes)

@@ -10,11 +10,24 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from smallify.onnx.graph import (
+    constants,
+    drop_unused_initializers,
+    layer_name,
+    weight_axes,
+    weight_input,
+)
 from smallify.quant import modules as qmod
-from smallify.quant.onnx_graph import constants, drop_unused_initializers, layer_name, weight_axes, weight_input
-from smallify.quant.primitives import INT8_WEIGHT, FloatFormat, IntFormat, quantize, weight_qparams
+from smallify.quant.primitives import (
+    INT8_WEIGHT,
+    FloatFormat,
+    IntFormat,
+    quantize,
+    weight_qparams,
+)
 
-def _onnx_type(fmt) -> int:
+
+def onnx_type(fmt) -> int:
     if isinstance(fmt, FloatFormat):
         return {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}[fmt.name]
     if fmt.bits > 4:       # 5..8-bit grids are stored in 8 bits (packed tighter only in the .smallify container)
@@ -25,7 +38,7 @@ def _onnx_type(fmt) -> int:
 def storage_tensor(name: str, values: torch.Tensor, fmt) -> onnx.TensorProto:
     """An initializer in the format's storage type: int8/uint8 (5- to 8-bit grids); int4/uint4 packed two per
     byte (first value in the low nibble, as ONNX stores them; 2- and 3-bit grids are stored as 4-bit); or FP8."""
-    dtype = _onnx_type(fmt)
+    dtype = onnx_type(fmt)
     if dtype in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
         raw = values.to(fmt.torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
     elif dtype in (TensorProto.INT4, TensorProto.UINT4):
@@ -45,7 +58,7 @@ def needs_opset_21(spec) -> bool:
 def require_opset(model: onnx.ModelProto, version: int) -> None:
     """Convert ``model`` in place to default-domain opset ``version`` when it is older (onnx's version
     converter, operator by operator)."""
-    from smallify.quant.onnx import opset_of, upgrade_opset
+    from smallify.onnx.prepare import opset_of, upgrade_opset
 
     if opset_of(model) < version:
         model.CopyFrom(upgrade_opset(model, version))

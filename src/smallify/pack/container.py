@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from smallify import onnx_io
+from smallify import files
 from smallify.errors import ConfigError, ModelError, SmallifyError
 from smallify.prune.branches import remove_branches, removed_branches
 from smallify.quant import modules as qmod
@@ -77,7 +77,7 @@ def _spec_from(d, layer: str = "?") -> qmod.WeightSpec:
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (float, or from ``smallify.quantize`` / ``smallify.qat``) as a .smallify file."""
-    onnx_io.check_writable(path)
+    files.check_writable(path)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     layers = {}
     for name, m in _twins(model):
@@ -112,7 +112,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     removed = removed_branches(model)
     if removed:
         manifest["removed_branches"] = removed
-    return onnx_io.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest)}))
+    return files.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest)}))
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

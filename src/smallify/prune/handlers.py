@@ -2,6 +2,8 @@
 per layer type, function or method, ``fn(builder, node, target) -> the output's channel layout``."""
 from __future__ import annotations
 
+from typing import Callable
+
 import operator
 
 import torch

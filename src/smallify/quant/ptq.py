@@ -192,9 +192,11 @@ def _calibrate(run, names: list[str], data, config: Int8Static, progress: bool) 
 
 def untraced_ok(model: nn.Module, config: Int8Static) -> bool:
     """Whether a model torch.fx cannot trace is quantized without a graph: with the transformer placement
-    (chosen, or 'auto' on a model holding LayerNorm / Softmax modules), which needs none."""
+    (chosen, or 'auto' on a model holding LayerNorm / RMSNorm / Softmax modules: Llama's norm is its own
+    ``LlamaRMSNorm`` class), which needs none."""
     if config.scheme == "auto":
-        return any(isinstance(m, (nn.LayerNorm, nn.Softmax)) for m in model.modules())
+        return any(isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.Softmax)) or type(m).__name__.endswith("RMSNorm")
+                   for m in model.modules())
     return config.scheme == "transformer"
 
 
