@@ -12,10 +12,12 @@ def count_macs(model: nn.Module, example_inputs) -> int:
     total = [0]
 
     def hook(m, args, out):
-        per_out = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.in_features
+        per_out = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.weight.shape[-1] if isinstance(m, nn.Linear) \
+            else m.weight.shape[0]                  # transformers' Conv1D: a Linear stored [in, out]
         total[0] += out.numel() * per_out
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+               or _transposed_linear(m)]
     try:
         with torch.no_grad():
             model.eval()(*inputs)
@@ -23,6 +25,10 @@ def count_macs(model: nn.Module, example_inputs) -> int:
         for h in handles:
             h.remove()
     return total[0] // inputs[0].shape[0]
+
+
+def _transposed_linear(m: nn.Module) -> bool:
+    return any(f"{k.__module__}.{k.__qualname__}" == "transformers.pytorch_utils.Conv1D" for k in type(m).__mro__)
 
 
 def count_params(model: nn.Module) -> int:

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallify.config import Config, check_config
+from smallify.data import first_batches, inputs_and_labels, run_hooked
 from smallify.report import attach
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_macs, count_params
 from smallify.prune.branches import choose_branches, remove_branches
 from smallify.progress import track
 from smallify.prune.graph import DependencyGraph, Group, build
+from smallify.prune.hf import sync_config
 from smallify.prune.resize import resizer
 
 CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)   # outputs [N, C, ...]
@@ -109,6 +111,7 @@ class PruneReport:
     params_after: int
     seconds: float
     branches: list = dataclasses.field(default_factory=list)   # removed residual branches, in order
+    notes: list = dataclasses.field(default_factory=list)      # e.g. a Hugging Face config's sizes brought in line
 
     @property
     def macs_ratio(self) -> float:
@@ -123,6 +126,7 @@ class PruneReport:
         lines = [f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}x); params "
                  f"{self.params_before:,} -> {self.params_after:,}; {len(pruned)} group(s) pruned"
                  + (f", {len(unchanged)} prunable but unchanged" if unchanged else "")]
+        lines += [f"  {note}" for note in self.notes]
         for b in self.branches:
             lines.append(f"  removed branch {b['branch']} ({', '.join(b['layers'])}): output error "
                          f"{b['output_error']:.3f}, MACs saved {b['macs_saved']:.3f} (alone)")
@@ -141,9 +145,14 @@ def _part(t: torch.Tensor, slot, size: int) -> torch.Tensor:
     return t[slot.offset: slot.offset + size]
 
 
+def _out_rows(m: nn.Module) -> torch.Tensor:
+    """``m``'s weight with one row per output channel (a layer stored transposed says so in its resize handler)."""
+    rows = getattr(resizer(m), "out_rows", None)
+    return (rows(m) if rows is not None else m.weight).detach().flatten(1)
+
+
 def _slot_rows(model_modules, group: Group, dims=("out", "dw")) -> list[torch.Tensor]:
-    return [_part(model_modules[s.module].weight.detach().flatten(1), s, group.size)
-            for s in group.slots if s.dim in dims]
+    return [_part(_out_rows(model_modules[s.module]), s, group.size) for s in group.slots if s.dim in dims]
 
 
 def l2(modules, group: Group, stats) -> torch.Tensor:
@@ -184,34 +193,10 @@ def _act_slots(group: Group):
     return [s for s in group.slots if s.dim == "bn"] or [s for s in group.slots if s.dim in ("out", "dw")]
 
 
-def _inputs(batch):
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
-
-
-def _batches(data, limit: int = 512):
-    from smallify.train import TrainData
-
-    if data is None:
-        return []
-    if isinstance(data, TrainData):
-        data = data.epoch(0)
-    elif isinstance(data, torch.Tensor):
-        data = [data[i:i + 64] for i in range(0, len(data), 64)]
-    out, seen = [], 0
-    for b in data:
-        out.append(b)
-        seen += len(_inputs(b)[0])
-        if seen >= limit:
-            break
-    return out
-
-
 def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
     """What data-driven criteria need: per-layer gradients (taylor), mean activation and zero fraction."""
     model, modules = graph.model, graph.modules
-    batches = _batches(data)
+    batches = first_batches(data)
     if not batches:
         raise DataError(f"importance {criterion!r} needs data= (calibration batches"
                         f"{', with labels' if criterion == 'taylor' else ''})")
@@ -219,7 +204,7 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
     if criterion == "taylor":
         model.zero_grad()
         for b in batches:
-            x, y = _inputs(b)
+            x, y = inputs_and_labels(b)
             if y is None:
                 raise DataError("importance 'taylor' needs labels: give batches of (inputs, labels)")
             F.cross_entropy(model(x), y).backward()
@@ -240,7 +225,7 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
             counts[name] = counts.get(name, 0) + a.numel() / a.shape[axis]
         return fn
 
-    _run_hooked(model, batches, {n: hook(n) for n in names}, modules)
+    run_hooked(model, batches, {n: hook(n) for n in names}, modules)
     stats["mean"] = {n: sums[n] / counts[n] for n in names}
     stats["zeros"] = {n: zeros[n] / counts[n] for n in names}
     return stats
@@ -362,36 +347,25 @@ def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=N
             entry["frozen"] = g.frozen or "no producing layer"
         if g.producers:
             report_groups.append(entry)
+    notes = sync_config(model, report_groups)
     report = PruneReport(config.to_dict(), report_groups, macs0, count_macs(model, example_inputs),
-                         params0, count_params(model), time.perf_counter() - start, removed)
+                         params0, count_params(model), time.perf_counter() - start, removed, notes)
     return attach(model, report, "prune_report")
 
 
 def _capture_inputs(model, graph: DependencyGraph, keep, data, progress: bool = False):
     """The inputs of every layer whose input channels shrink, on ``data`` (before pruning), with the
     layer's original output: what least squares refits the smaller layer to."""
-    batches = _batches(data, 256)
+    batches = first_batches(data, 256)
     if not batches:
         raise DataError("reconstruct=True needs data= (calibration batches)")
     modules = graph.modules
     names = sorted({s.module for g in graph.groups if g.id in keep and len(keep[g.id]) < g.size
                     for s in g.slots if s.dim == "in"})
     seen: dict[str, list] = {n: [] for n in names}
-    _run_hooked(model, track(batches, "capturing layer inputs", progress),
+    run_hooked(model, track(batches, "capturing layer inputs", progress),
                 {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach()))) for n in names}, modules)
     return seen
-
-
-def _run_hooked(model: nn.Module, batches, hooks: dict, modules: dict) -> None:
-    """Run ``batches`` through ``model`` with forward hooks (layer name -> hook) attached, then remove them."""
-    handles = [modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(_inputs(b)[0])
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3, progress: bool = False) -> None:

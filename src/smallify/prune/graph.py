@@ -168,7 +168,7 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, with every module type that has a handler kept as one node (users' layers too)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return any(k in MODULE_HANDLERS for k in type(m).__mro__[:-2]) or super().is_leaf_module(m, qualname)
+        return module_handler(m) is not None or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, advice: str) -> fx.GraphModule:
@@ -267,11 +267,12 @@ FUNCTION_HANDLERS: dict[object, Handler] = {}     # call_function targets, and c
 
 
 def register_handler(*targets):
-    """Decorator: ``fn(builder, node, target) -> layout`` handles these module types (looked up along the MRO),
+    """Decorator: ``fn(builder, node, target) -> layout`` handles these module types (looked up along the MRO;
+    a dotted class path such as ``"transformers.pytorch_utils.Conv1D"`` names a type of an optional package),
     functions, or method names (strings). Users register their own layers the same way."""
     def deco(fn: Handler) -> Handler:
         for t in targets:
-            if isinstance(t, type) and issubclass(t, nn.Module):
+            if isinstance(t, type) and issubclass(t, nn.Module) or isinstance(t, str) and "." in t:
                 MODULE_HANDLERS[t] = fn
             else:
                 FUNCTION_HANDLERS[t] = fn
@@ -279,10 +280,19 @@ def register_handler(*targets):
     return deco
 
 
+def module_handler(m: nn.Module) -> Handler | None:
+    """The handler of ``m``'s type, along its MRO (by the type, or by its dotted class path)."""
+    for k in type(m).__mro__[:-2]:
+        fn = MODULE_HANDLERS.get(k) or MODULE_HANDLERS.get(f"{k.__module__}.{k.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
+
+
 def _handler(n: fx.Node, modules: dict) -> tuple[Handler | None, object]:
     if n.op == "call_module":
         m = modules[n.target]
-        return next((MODULE_HANDLERS[k] for k in type(m).__mro__ if k in MODULE_HANDLERS), None), m
+        return module_handler(m), m
     return FUNCTION_HANDLERS.get(n.target), n.target
 
 
@@ -290,17 +300,22 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
     """Trace ``model`` and group the layer dimensions that must be pruned together: each node goes to the
     handler of its module type, function or method (``register_handler``); unknown ones freeze their
     inputs' groups and say so."""
-    from smallify.prune import handlers  # noqa: F401  (the built-in handlers register themselves)
+    from smallify.prune import exported, handlers  # noqa: F401  (the built-in handlers register themselves)
 
     model = model.eval()
-    gm = trace(model, "make the forward traceable, or prune the traceable part and pass the rest's layer names "
-                      "in ignore=")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+    advice = "make the forward traceable, or prune the traceable part and pass the rest's layer names in ignore="
+    try:
+        gm = trace(model, advice)
+    except ModelError as fx_error:      # torch.fx cannot trace it (Hugging Face models): torch.export's ATen graph
+        graph = exported.module_graph(model, inputs, fx_error)
+    else:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+        graph = gm.graph
     modules = dict(model.named_modules())
     b = Builder(modules, tuple(ignore))
-    for n in gm.graph.nodes:
+    for n in graph.nodes:
         if n.op == "placeholder":
             b.layout[n] = b.new_layout(n, "model input")
         elif n.op == "get_attr":

@@ -17,7 +17,9 @@ from torch import nn
 RESIZERS: dict[type, type] = {}
 
 
-def register_resize(*layer_types: type):
+def register_resize(*layer_types: type | str):
+    """Decorator: ``handler`` resizes these layer types (or dotted class paths of an optional package's types,
+    e.g. ``"transformers.pytorch_utils.Conv1D"``)."""
     def deco(handler: type) -> type:
         for t in layer_types:
             RESIZERS[t] = handler
@@ -27,7 +29,11 @@ def register_resize(*layer_types: type):
 
 def resizer(m: nn.Module):
     """The resize handler of ``m``'s type, looked up along its MRO; None if there is none."""
-    return next((RESIZERS[k] for k in type(m).__mro__ if k in RESIZERS), None)
+    for k in type(m).__mro__:
+        handler = RESIZERS.get(k) or RESIZERS.get(f"{k.__module__}.{k.__qualname__}")
+        if handler is not None:
+            return handler
+    return None
 
 
 def _take(t: torch.Tensor | None, idx: torch.Tensor, axis: int = 0):
@@ -101,6 +107,35 @@ class LinearResize:
             else:
                 m.weight = _take(m.weight, idx, 1)
                 m.in_features = len(idx)
+
+
+@register_resize("transformers.pytorch_utils.Conv1D")
+class TransposedLinearResize:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored [in, out], with ``nf`` output features."""
+
+    @staticmethod
+    def sizes(m) -> dict[str, int]:
+        return {"out": m.weight.shape[1], "in": m.weight.shape[0]}
+
+    @staticmethod
+    def saved_sizes(m, name: str, state: dict) -> dict[str, int]:
+        w = state.get(f"{name}.weight")
+        return {"out": w.shape[1], "in": w.shape[0]} if w is not None and w.ndim == 2 else {}
+
+    @staticmethod
+    def out_rows(m) -> torch.Tensor:
+        return m.weight.t()
+
+    @staticmethod
+    def keep(m, dim: str, idx: torch.Tensor) -> None:
+        with torch.no_grad():
+            if dim == "out":
+                m.weight, m.bias = _take(m.weight, idx, 1), _take(m.bias, idx)
+                m.nf = len(idx)
+            else:
+                m.weight = _take(m.weight, idx, 0)
+            if hasattr(m, "nx"):
+                m.nx = m.weight.shape[0]
 
 
 @register_resize(nn.modules.batchnorm._BatchNorm)
