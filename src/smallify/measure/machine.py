@@ -13,15 +13,30 @@ from pathlib import Path
 ISA_FLAGS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"))
 
 
+def read_cpuinfo(cpuinfo: str | None = None) -> str:
+    """The text of /proc/cpuinfo ('' where there is none), or ``cpuinfo`` when given."""
+    if cpuinfo is not None:
+        return cpuinfo
+    path = Path("/proc/cpuinfo")
+    try:
+        return path.read_text() if path.exists() else ""
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's ISA flags as /proc/cpuinfo names them ('avx2', 'avx512_vnni', 'amx_int8', ...)."""
+    lines = read_cpuinfo(cpuinfo).splitlines()
+    return set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+
+
 def cpu_info(cpuinfo: str | None = None) -> dict:
     """{'model': str, 'cores': int, 'isa': {name: bool}} from /proc/cpuinfo (or the text given)."""
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
+    cpuinfo = read_cpuinfo(cpuinfo)
     lines = cpuinfo.splitlines()
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "") \
         or platform.processor() or platform.machine()
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    flags = cpu_flags(cpuinfo)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"model": model, "cores": cores, "isa": {name: flag in flags for flag, name in ISA_FLAGS}}
 

@@ -17,7 +17,8 @@ FLOAT_DTYPES = ("fp16", "bf16")
 AUTO_GROUPS = (128, 64, 32)
 
 
-def _check_bits(name: str, bits) -> None:
+def check_bits(name: str, bits) -> None:
+    """ConfigError naming ``name`` unless ``bits`` is a supported integer width (2..8)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ConfigError(f"{name}={bits!r} is not supported; accepted: integers 2..8")
 
@@ -36,7 +37,7 @@ def _check_layer_bits(layer_bits: dict) -> dict:
         raise ConfigError(f"layer_bits must map layer-name patterns to bits, got {type(layer_bits).__name__}")
     for pattern, bits in layer_bits.items():
         if bits != "float":
-            _check_bits(f"layer_bits[{pattern!r}]", bits)
+            check_bits(f"layer_bits[{pattern!r}]", bits)
     return dict(layer_bits)
 
 
@@ -60,18 +61,12 @@ def saturating_cpu(cpuinfo: str | None = None) -> bool:
     7-bit ones (ONNX Runtime's quantizer calls the remedy ``reduce_range``)."""
     import platform
 
-    if cpuinfo is None:
-        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-            return False
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
-    if flags is None:
+    from smallify.measure.machine import cpu_flags
+
+    if cpuinfo is None and platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+    flags = cpu_flags(cpuinfo)
+    return bool(flags) and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
 
 
 def resolve_reduce_range(value) -> bool:
@@ -94,7 +89,8 @@ def patterns(name: str, value) -> tuple[str, ...]:
     raise ConfigError(f"{name}={value!r} is not supported; accepted: a layer-name pattern (fnmatch) or a list of them")
 
 
-def _first_match(patterns, names) -> str | None:
+def first_match(patterns, names) -> str | None:
+    """The first of ``patterns`` (fnmatch, case-sensitive) that matches any of ``names``; None if none does."""
     return next((p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
 
 
@@ -141,12 +137,12 @@ class Int8Static(Config):
 
     def skip_pattern(self, *names: str) -> str | None:
         """The first ``skip`` pattern that matches any of a layer's ``names``, or None."""
-        return _first_match(self.skip, names)
+        return first_match(self.skip, names)
 
     def weight_spec(self, *names: str, in_channels: int | None = None) -> WeightSpec:
         """The weight grid of the layer called ``names`` (``layer_bits`` first, then ``weight_bits``); with
         ``in_channels``, a ``group_size`` that does not divide them is an error naming the layer."""
-        pattern = _first_match(self.layer_bits, names)
+        pattern = first_match(self.layer_bits, names)
         bits = self.layer_bits[pattern] if pattern is not None else self.weight_bits
         if bits == "float":
             return WeightSpec(None)
@@ -159,7 +155,7 @@ class Int8Static(Config):
 
     def __post_init__(self):
         self.reduce_range = resolve_reduce_range(self.reduce_range)
-        _check_bits("weight_bits", self.weight_bits)
+        check_bits("weight_bits", self.weight_bits)
         _check_group(self.group_size)
         self.layer_bits = _check_layer_bits(self.layer_bits)
         if self.smooth_quant == "auto":
@@ -199,7 +195,7 @@ class FP8Static(Int8Static):
         return FloatFormat(self.format)
 
     def weight_spec(self, *names: str, in_channels: int | None = None) -> WeightSpec:
-        pattern = _first_match(self.layer_bits, names)
+        pattern = first_match(self.layer_bits, names)
         if pattern is not None and self.layer_bits[pattern] == "float":
             return WeightSpec(None)
         return WeightSpec(FloatFormat(self.format), self.per_channel)
@@ -234,17 +230,17 @@ class WeightOnly(Config):
     layer_bits: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        _check_bits("bits", self.bits)
+        check_bits("bits", self.bits)
         _check_group(self.group_size, allow_auto=True)
         self.layer_bits = _check_layer_bits(self.layer_bits)
         self.skip = patterns("skip", self.skip)
 
     def skip_pattern(self, *names: str) -> str | None:
-        return _first_match(self.skip, names)
+        return first_match(self.skip, names)
 
     def weight_spec(self, in_channels: int, *names: str) -> WeightSpec:
         """The grid of a layer with ``in_channels`` inputs per output (raises when ``group_size`` does not divide)."""
-        pattern = _first_match(self.layer_bits, names)
+        pattern = first_match(self.layer_bits, names)
         bits = self.layer_bits[pattern] if pattern is not None else self.bits
         if bits == "float" or self.skip_pattern(*names):
             return WeightSpec(None)
@@ -276,4 +272,4 @@ class Float16(Config):
         self.skip = patterns("skip", self.skip)
 
     def selects(self, *names: str) -> bool:
-        return _first_match(self.layers, names) is not None and _first_match(self.skip, names) is None
+        return first_match(self.layers, names) is not None and first_match(self.skip, names) is None
