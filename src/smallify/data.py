@@ -1,4 +1,4 @@
-"""Calibration and evaluation data adapters.
+"""Calibration and evaluation data adapters, and the forward-hook adapter PyTorch-side passes share.
 
 Accepted forms of ``data`` (for a model with inputs ``names``):
   * a tensor or array: the batch axis first, one model input;
@@ -101,6 +101,51 @@ def _normalize(batch, names: list[str], i: int) -> dict[str, torch.Tensor]:
         raise DataError(f"{where}: a single tensor given but the model has {len(names)} inputs {names}")
     return {names[0]: _as_tensor(batch, where)}
 
+
+
+# Adapters for PyTorch-side passes (pruning's statistics, branch ranking, least-squares refits): batches as the
+# user gives them, cut to a sample budget, and forward hooks on named layers.
+
+def inputs_and_labels(batch) -> tuple[object, object]:
+    """``(inputs, labels)`` of one batch: a tuple/list gives its first two items (labels None if it holds
+    one), anything else is the inputs alone."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def first_batches(data, limit: int = 512) -> list:
+    """The first batches of ``data`` that hold at least ``limit`` samples (all of them if fewer), as given:
+    ``data`` is a ``TrainData`` (its first epoch's order), a tensor (cut into batches of 64) or an iterable of
+    batches; None gives no batch."""
+    from smallify.train import TrainData
+
+    if data is None:
+        return []
+    if isinstance(data, TrainData):
+        data = data.epoch(0)
+    elif isinstance(data, torch.Tensor):
+        data = [data[i:i + 64] for i in range(0, len(data), 64)]
+    out, seen = [], 0
+    for b in data:
+        out.append(b)
+        seen += len(inputs_and_labels(b)[0])
+        if seen >= limit:
+            break
+    return out
+
+
+def run_hooked(model: torch.nn.Module, batches, hooks: dict, modules: dict) -> None:
+    """Run the inputs of ``batches`` through ``model`` (no grad) with forward hooks attached (layer name ->
+    ``hook(module, args, output)``; ``modules``: name -> module), then remove them."""
+    handles = [modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(inputs_and_labels(b)[0])
+    finally:
+        for h in handles:
+            h.remove()
 
 MAX_NPZ_BYTES = 2 << 30    # what load_npz reads into memory at most (pass max_samples to read less)
 _CHUNK = 1 << 22           # bytes decompressed per read: memory stays bounded whatever the file declares

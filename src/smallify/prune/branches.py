@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from smallify.data import first_batches, inputs_and_labels
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.measure.macs import count_macs
 from smallify.progress import track
@@ -148,11 +149,9 @@ def choose_branches(model: nn.Module, count: int, example_inputs, data, limit: i
     recovers worse.) Returns one record per removed branch and the branches, lowest score first."""
     if count <= 0:
         return [], []
-    from smallify.prune.channel import _batches, _inputs     # (channel.py imports this module)
-
     if data is None:
         raise DataError("removing residual branches needs data= (calibration inputs) to rank them")
-    batches = [_inputs(b)[0] for b in _batches(data, limit)]
+    batches = [inputs_and_labels(b)[0] for b in first_batches(data, limit)]
     if not batches:
         raise DataError("data= holds no samples")
     candidates = find_branches(model, example_inputs)

@@ -364,7 +364,7 @@ def _capture_inputs(model, graph: DependencyGraph, keep, data, progress: bool = 
                     for s in g.slots if s.dim == "in"})
     seen: dict[str, list] = {n: [] for n in names}
     run_hooked(model, track(batches, "capturing layer inputs", progress),
-                {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach()))) for n in names}, modules)
+               {n: (lambda m, a, o, n=n: seen[n].append((a[0].detach(), o.detach()))) for n in names}, modules)
     return seen
 
 

@@ -44,9 +44,9 @@ class Int8Dynamic(Config):
         return IntFormat(7) if self.reduce_range else INT8_WEIGHT
 
     def skip_pattern(self, *names: str) -> str | None:
-        from smallify.quant.config import _first_match
+        from smallify.quant.config import first_match
 
-        return _first_match(self.skip, names)
+        return first_match(self.skip, names)
 
 
 def dynamic_fake_quantize(x: torch.Tensor) -> torch.Tensor:

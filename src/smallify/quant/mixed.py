@@ -21,7 +21,7 @@ from typing import Callable
 
 from smallify.errors import ConfigError
 from smallify.progress import track
-from smallify.quant.config import Int8Static, _check_bits
+from smallify.quant.config import Int8Static, check_bits
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class MixedPrecision(Int8Static):
         if not self.candidates:
             raise ConfigError("candidates is empty; give weight bit widths such as (8, 4)")
         for b in self.candidates:
-            _check_bits("candidates", b)
+            check_bits("candidates", b)
         if self.max_drop is None and self.size_budget is None:
             raise ConfigError("MixedPrecision needs max_drop (largest metric drop allowed) or size_budget "
                               "(fraction of the all-INT8 weight bytes), or both")
