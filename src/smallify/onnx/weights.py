@@ -16,6 +16,7 @@ from smallify.onnx.graph import (
     layer_name,
     weight_axes,
     weight_input,
+    weight_layers,
 )
 from smallify.quant import modules as qmod
 from smallify.quant.primitives import (
@@ -147,17 +148,7 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
     ``static``: only layers whose activation input comes from a DequantizeLinear (W8A8); their biases become
     int32 when the weights are INT8 per channel or per tensor. Returns the names of the layers quantized.
     """
-    def specs():
-        consts = constants(model)
-        inits = {i.name for i in model.graph.initializer}
-        for node in model.graph.node:
-            w_idx = weight_input(node, consts)
-            if w_idx is not None and node.input[w_idx] in inits:
-                w = consts[node.input[w_idx]]
-                in_channels = w.shape[0] if weight_axes(node)[1] else w.shape[1]
-                yield spec_for(layer_name(node, consts), node.input[w_idx], in_channels)
-
-    if any(needs_opset_21(spec) for spec in specs()):
+    if any(needs_opset_21(spec_for(name, node.input[w], ch)) for node, w, name, ch in weight_layers(model)):
         require_opset(model, 21)           # before any edit: the converter sees the float graph's operators
     g = model.graph
     consts = constants(model)
