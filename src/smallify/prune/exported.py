@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from smallify.errors import ModelError
 from smallify.prune.graph import Builder, Segment, module_handler, register_handler
-from smallify.prune.handlers import _linear, _merge, _pass
+from smallify.prune.handlers import linear_handler, merge_handler, pass_handler
 
 aten = torch.ops.aten
 
@@ -33,8 +33,8 @@ MERGE_ATEN = [aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor
               aten.mul_.Tensor]
 NO_OUTPUT_ATEN = [aten._assert_tensor_metadata.default]
 
-register_handler(*PASS_ATEN)(_pass)
-register_handler(*MERGE_ATEN)(_merge)
+register_handler(*PASS_ATEN)(pass_handler)
+register_handler(*MERGE_ATEN)(merge_handler)
 
 
 @register_handler(*NO_OUTPUT_ATEN)
@@ -47,7 +47,7 @@ def _conv1d_transposed(b: Builder, n: fx.Node, m: nn.Module):
     """transformers' Conv1D (GPT-2): a Linear whose weight is stored [in, out]."""
     m.in_features, m.out_features = m.weight.shape       # what the Linear handler reads
     try:
-        return _linear(b, n, m)
+        return linear_handler(b, n, m)
     finally:
         del m.in_features, m.out_features
 

@@ -218,7 +218,7 @@ class Builder:
         return [Segment(self.spaces.new(s[axis], why), s[axis])]
 
     def freeze(self, lay, why: str) -> None:
-        if isinstance(lay, _Parts):
+        if isinstance(lay, SplitParts):
             for part in lay.parts:
                 self.freeze(part, why)
             return
@@ -256,7 +256,7 @@ class Builder:
 
 
 @dataclass
-class _Parts:
+class SplitParts:
     """The layouts of a split's outputs, picked by ``getitem``."""
     parts: list
 
@@ -345,7 +345,8 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
     return DependencyGraph(model, [g for g in groups.values() if g.slots], modules)
 
 
-def _cuts(lay) -> list[int]:
+def segment_cuts(lay) -> list[int]:
+    """The channel offsets where a layout's segments meet (none for a single segment)."""
     pos, out = 0, []
     for seg in lay[:-1]:
         pos += seg.size
@@ -353,7 +354,8 @@ def _cuts(lay) -> list[int]:
     return out
 
 
-def _same_segments(lays) -> bool:
+def same_segments(lays) -> bool:
+    """Whether the layouts have segments of the same sizes and factors, in the same order."""
     return all(len(lay) == len(lays[0]) and all(a.size == b.size and a.factor == b.factor for a, b in zip(lay, lays[0]))
                for lay in lays)
 
@@ -364,7 +366,7 @@ def _cat_on_channels(n: fx.Node, shape) -> bool:
     return s is not None and _channel_axis(s) is not None and dim in (_channel_axis(s), _channel_axis(s) - len(s))
 
 
-def _flatten(in_lay, in_shape, out_shape, freeze, n):
+def flatten_layout(in_lay, in_shape, out_shape, freeze, n):
     """[N, C, H, W] -> [N, C*H*W]: each channel becomes a block of H*W features."""
     if in_lay is None or in_shape is None or out_shape is None:
         return None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from smallify.prune.graph import (MERGE_FUNCTIONS, MERGE_METHODS, PASS_FUNCTIONS, PASS_METHODS, PASS_MODULES, Builder,
-                                  Handler, _cuts, _flatten, _Parts, _same_segments, register_handler)
+                                  Handler, segment_cuts, flatten_layout, SplitParts, same_segments, register_handler)
 
 
 @register_handler(nn.Conv1d, nn.Conv2d)
@@ -32,7 +32,7 @@ def _conv(b: Builder, n: fx.Node, m: nn.Module):
 
 
 @register_handler(nn.Linear)
-def _linear(b: Builder, n: fx.Node, m: nn.Linear):
+def linear_handler(b: Builder, n: fx.Node, m: nn.Linear):
     in_lay, x = b.input_layout(n), n.all_input_nodes[0]
     s = b.shape(x)
     if in_lay is not None and s is not None and b.axis_of(x) == len(s) - 1 \
@@ -66,12 +66,12 @@ register_handler(nn.LayerNorm)(_norm("norm", lambda m, axis, ndim: len(m.normali
 
 @register_handler(*PASS_MODULES, *PASS_FUNCTIONS, *PASS_METHODS, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
                   F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d)
-def _pass(b: Builder, n: fx.Node, target):
+def pass_handler(b: Builder, n: fx.Node, target):
     return b.pass_through(n)
 
 
 @register_handler(*MERGE_FUNCTIONS, *MERGE_METHODS)
-def _merge(b: Builder, n: fx.Node, fn):
+def merge_handler(b: Builder, n: fx.Node, fn):
     """``a + b``, ``a * b``: both sides' channels are one group (layouts split to a common refinement)."""
     args = [a for a in n.args if isinstance(a, fx.Node)]
     spaces = b.spaces
@@ -79,12 +79,12 @@ def _merge(b: Builder, n: fx.Node, fn):
     if len(lays) == 1:
         return b.pass_through(n)
     axes = {b.axis_of(a) for a in args}
-    if all(lay is not None for lay in lays) and len(axes) == 1 and not _same_segments(lays) and \
+    if all(lay is not None for lay in lays) and len(axes) == 1 and not same_segments(lays) and \
             len({sum(s.size for s in lay) for lay in lays}) == 1 and all(s.factor == 1 for lay in lays for s in lay):
-        cuts = sorted({c for lay in lays for c in _cuts(lay)})
+        cuts = sorted({c for lay in lays for c in segment_cuts(lay)})
         refined = [spaces.refine(lay, cuts) for lay in lays]
         lays = refined if all(r is not None for r in refined) else lays
-    if all(lay is not None for lay in lays) and len(axes) == 1 and _same_segments(lays):
+    if all(lay is not None for lay in lays) and len(axes) == 1 and same_segments(lays):
         for segs in zip(*lays):
             for s in segs[1:]:
                 spaces.union(segs[0].space, s.space)
@@ -141,7 +141,7 @@ def _split(b: Builder, n: fx.Node, fn):
         return b.unknown(n, f"operation {name} ({n.name})")
     b.axis[n] = axis
     if dim not in (axis, axis - len(s)):
-        return _Parts([lay] * count)
+        return SplitParts([lay] * count)
     total = s[axis]
     if name != "chunk" or total % count or any(seg.factor != 1 for seg in lay):
         return b.unknown(n, f"{name} ({n.name}) into parts of fixed sizes on the channel axis (the sizes are "
@@ -158,19 +158,19 @@ def _split(b: Builder, n: fx.Node, fn):
             filled += refined[i].size
             i += 1
         parts.append(segs)
-    if not _same_segments(parts):
+    if not same_segments(parts):
         return b.unknown(n, f"operation {name} ({n.name}): its parts have different channel layouts")
     for segs in zip(*parts):
         for seg in segs[1:]:
             b.spaces.union(segs[0].space, seg.space)
-    return _Parts(parts)
+    return SplitParts(parts)
 
 
 @register_handler(operator.getitem)
 def _getitem(b: Builder, n: fx.Node, fn):
     src, index = n.args[0], n.args[1]
     lay = b.layout.get(src)
-    if isinstance(lay, _Parts) and isinstance(index, int):
+    if isinstance(lay, SplitParts) and isinstance(index, int):
         b.axis[n] = b.axis.get(src, b.axis_of(n))
         return lay.parts[index]
     return b.unknown(n, f"operation getitem ({n.name})")
@@ -183,4 +183,4 @@ def _reshape(b: Builder, n: fx.Node, fn):
         return b.pass_through(n)
     if b.axis_of(x) != 1 and b.shape(x) is not None and len(b.shape(x)) > 2:
         return b.unknown(n, f"reshape {n.name} of channels not on axis 1")
-    return _flatten(b.input_layout(n), b.shape(x), b.shape(n), b.freeze, n)
+    return flatten_layout(b.input_layout(n), b.shape(x), b.shape(n), b.freeze, n)
