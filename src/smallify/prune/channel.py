@@ -141,8 +141,12 @@ class PruneReport:
 
 
 def _part(t: torch.Tensor, slot, size: int) -> torch.Tensor:
-    """The rows of ``t`` (indexed by the slot's module dimension) that belong to the group."""
-    return t[slot.offset: slot.offset + size]
+    """The rows of ``t`` (indexed by the slot's module dimension) that belong to the group, one per channel: a
+    channel of ``slot.factor`` rows (an attention head) gets them side by side (summed, for a vector)."""
+    rows = t[slot.offset: slot.offset + size * slot.factor]
+    if slot.factor == 1:
+        return rows
+    return rows.reshape(size, -1) if t.ndim > 1 else rows.reshape(size, slot.factor).sum(1)
 
 
 def _out_rows(m: nn.Module) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch
 from torch import fx, nn
 
 from smallify.errors import ModelError
-from smallify.prune.graph import Builder, Segment, module_handler, register_handler
-from smallify.prune.handlers import linear_handler, merge_handler, pass_handler
+from smallify.prune.graph import Builder, Segment, Slot, module_handler, register_handler, same_segments
+from smallify.prune.handlers import linear_handler, pass_handler
 
 aten = torch.ops.aten
 
@@ -27,14 +27,12 @@ PASS_ATEN = [aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmo
              aten.neg.default, aten.pow.Tensor_Scalar, aten.dropout.default, aten.clone.default,
              aten.contiguous.default, aten.alias.default, aten.detach.default, aten.to.dtype,
              aten.to.dtype_layout, aten._to_copy.default, aten.hardtanh.default, aten.leaky_relu.default,
-             aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default, aten.erf.default, aten.exp.default,
-             aten.relu6.default if hasattr(aten, "relu6") else aten.relu.default]
+             aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default, aten.erf.default]
 MERGE_ATEN = [aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.add_.Tensor,
               aten.mul_.Tensor]
 NO_OUTPUT_ATEN = [aten._assert_tensor_metadata.default]
 
 register_handler(*PASS_ATEN)(pass_handler)
-register_handler(*MERGE_ATEN)(merge_handler)
 
 
 @register_handler(*NO_OUTPUT_ATEN)
@@ -131,3 +129,170 @@ def module_graph(model: nn.Module, inputs: tuple, fx_error: Exception) -> fx.Gra
         new.meta["tensor_meta"] = _meta(n.meta.get("val"))
         env[n] = new
     return g
+
+
+def _tensors(args) -> list[fx.Node]:
+    return [a for a in args if isinstance(a, fx.Node)]
+
+
+def _union(b: Builder, lays) -> bool:
+    """Merge the spaces of layouts with the same segments, position by position; False if they differ."""
+    if any(lay is None for lay in lays) or not same_segments(lays):
+        return False
+    for segs in zip(*lays):
+        for seg in segs[1:]:
+            b.spaces.union(segs[0].space, seg.space)
+    return True
+
+
+def _refuse(b: Builder, n: fx.Node, why: str):
+    for a in _tensors(n.args) + [x for a in n.args if isinstance(a, (list, tuple)) for x in _tensors(a)]:
+        b.freeze(b.layout.get(a), why)
+    return b.new_layout(n, why)
+
+
+@register_handler(*MERGE_ATEN)
+def _merge_broadcast(b: Builder, n: fx.Node, fn):
+    """``a + b``, ``a * b``: the operands that span the output's channel axis are one group; an operand that is
+    broadcast along it (size 1 there: rotary cos/sin, a norm's 1/rms, a mask) reads no channel."""
+    out, args = b.shape(n), _tensors(n.args)
+    axis = next((b.axis_of(a) + len(out) - len(b.shape(a)) for a in args if isinstance(b.layout.get(a), list)
+                 and b.shape(a) is not None and b.axis_of(a) is not None
+                 and b.shape(a)[b.axis_of(a)] == out[b.axis_of(a) + len(out) - len(b.shape(a))] > 1), None)
+    if out is None or axis is None:
+        return _refuse(b, n, f"{n.name}: operands with different channel layouts")
+    spanning = []
+    for a in args:
+        s = b.shape(a)
+        at = axis - (len(out) - len(s)) if s is not None else -1
+        if s is not None and (at < 0 or s[at] == 1):
+            continue                                        # broadcast along the channel axis
+        if b.axis_of(a) != at:
+            return _refuse(b, n, f"{n.name}: operands with different channel layouts")
+        spanning.append(a)
+    lays = [b.spaces.expand(b.layout.get(a)) if isinstance(b.layout.get(a), list) else None for a in spanning]
+    if not _union(b, lays):
+        return _refuse(b, n, f"{n.name}: operands with different channel layouts")
+    b.axis[n] = axis
+    return lays[0]
+
+
+def _coarsen(b: Builder, lay, k: int):
+    """``lay``'s one space, its channels taken k at a time (a head of k features): the space shrinks k-fold and
+    its slots' factor grows k-fold. None if the space is already merged with others (its size is shared)."""
+    sp = b.spaces
+    lay = sp.expand(lay)
+    if lay is None or len(lay) != 1 or lay[0].size % k:
+        return None
+    i = lay[0].space
+    if sp.find(i) != i or any(sp.find(j) == i for j in range(len(sp.parent)) if j != i):
+        return None
+    sp.size[i] //= k
+    sp.slots[i] = [Slot(s.module, s.dim, s.offset, s.factor * k) for s in sp.slots.get(i, [])]
+    return [Segment(i, lay[0].size // k, lay[0].factor * k)]
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= x
+    return p
+
+
+@register_handler(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _view(b: Builder, n: fx.Node, fn):
+    """Reshapes of the channel axis that attention makes: [.., C] -> [.., heads, head_dim] (each head one
+    channel of head_dim features), [.., heads, head_dim] -> [.., C] and [B, kv, rep, ..] -> [B, kv * rep, ..]
+    (grouped-query attention's repeat: a channel of rep heads)."""
+    x = n.args[0]
+    s, out, axis, lay = b.shape(x), b.shape(n), b.axis_of(x), b.input_layout(n)
+    if s is not None and s == out:
+        return b.pass_through(n)
+    if s is None or out is None or axis is None or lay is None:
+        return b.unknown(n, f"operation view ({n.name})")
+    c = s[axis]
+    if axis == len(s) - 1 and len(out) == len(s) + 1 and out[:axis] == s[:axis] and out[-2] * out[-1] == c:
+        d = out[-1]                                           # split into heads
+        if all(seg.factor % d == 0 for seg in lay):
+            new = [Segment(seg.space, seg.size, seg.factor // d) for seg in lay]
+        else:
+            new = _coarsen(b, lay, d) if all(seg.factor == 1 for seg in lay) else None
+            new = new and [Segment(seg.space, seg.size, 1) for seg in new]
+        if new is not None:
+            b.axis[n] = axis
+            return new
+    elif len(out) == len(s) - 1 and out[:axis] == s[:axis] and out[axis] == c * s[axis + 1] \
+            and out[axis + 1:] == s[axis + 2:]:                # the channel axis merged with the next one
+        b.axis[n] = axis
+        return [Segment(seg.space, seg.size, seg.factor * s[axis + 1]) for seg in lay]
+    return b.unknown(n, f"reshape {n.name} from {tuple(s)} to {tuple(out)} across the channel axis")
+
+
+@register_handler(aten.transpose.int, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor,
+                  aten.select.int, aten.permute.default)
+def _move(b: Builder, n: fx.Node, fn):
+    """Operations that move the channel axis or work along another one."""
+    x = n.args[0]
+    s, out, axis, lay = b.shape(x), b.shape(n), b.axis_of(x), b.input_layout(n)
+    if s is None or out is None or axis is None or lay is None:
+        return b.unknown(n, f"operation {fn} ({n.name})")
+    if fn == aten.transpose.int:
+        d0, d1 = (d % len(s) for d in n.args[1:3])
+        new = d1 if axis == d0 else d0 if axis == d1 else axis
+    elif fn == aten.permute.default:
+        new = [d % len(s) for d in n.args[1]].index(axis)
+    elif fn == aten.unsqueeze.default:
+        new = axis + (n.args[1] % len(out) <= axis)
+    elif fn == aten.expand.default:
+        new = axis + len(out) - len(s)
+    else:
+        dim = n.args[1] % len(s) if len(n.args) > 1 else 0
+        if dim == axis:
+            return b.unknown(n, f"operation {fn} ({n.name}) along the channel axis")
+        new = axis - (fn == aten.select.int and dim < axis)
+    if out[new] != s[axis]:
+        return b.unknown(n, f"operation {fn} ({n.name}) changes the channel count")
+    b.axis[n] = new
+    return lay
+
+
+@register_handler(aten.cat.default)
+def _cat_aten(b: Builder, n: fx.Node, fn):
+    """``cat`` on the channel axis concatenates layouts; on another axis (rotary embeddings' halves) the parts
+    keep one layout."""
+    tensors, dim = n.args[0], n.args[1] if len(n.args) > 1 else 0
+    s, axis = b.shape(n), b.axis_of(tensors[0]) if tensors else None
+    if s is not None and axis is not None and dim % len(s) != axis:
+        lays = [b.spaces.expand(b.layout.get(a)) if isinstance(b.layout.get(a), list) else None for a in tensors]
+        if {b.axis_of(a) for a in tensors} == {axis} and _union(b, lays):
+            b.axis[n] = axis
+            return lays[0]
+        return _refuse(b, n, f"operation cat ({n.name}) of different channel layouts")
+    lays = [b.spaces.expand(b.layout.get(a)) if isinstance(b.layout.get(a), list) else None for a in tensors]
+    if axis is None or any(lay is None for lay in lays) or {b.axis_of(a) for a in tensors} != {axis}:
+        return _refuse(b, n, f"operation cat ({n.name})")
+    b.axis[n] = axis
+    return [seg for lay in lays for seg in lay]
+
+
+@register_handler(aten.scaled_dot_product_attention.default)
+def _attention(b: Builder, n: fx.Node, fn):
+    """``sdpa(q, k, v)`` on [B, heads, T, head_dim]: head i of q, k and v are one channel. With grouped-query
+    attention (k and v channels of ``rep`` heads each), q's heads are taken ``rep`` at a time: a key/value
+    group and its query heads go together."""
+    q, k, v = n.args[:3]
+    why = f"attention {n.name}: heads of q, k and v do not line up"
+    lays = [b.spaces.expand(b.layout.get(a)) if isinstance(b.layout.get(a), list) else None for a in (q, k, v)]
+    if any(lay is None for lay in lays) or any(b.axis_of(a) != 1 for a in (q, k, v)):
+        return _refuse(b, n, why)
+    ql, kl, vl = lays
+    rep = kl[0].factor
+    if rep > 1 and all(seg.factor == 1 for seg in ql):
+        ql = _coarsen(b, ql, rep)
+    if ql is None or not _union(b, [ql, kl, vl]):
+        return _refuse(b, n, why)
+    for a in n.args[3:]:
+        if isinstance(a, fx.Node):
+            b.freeze(b.layout.get(a), f"attention mask of {n.name}")
+    b.axis[n] = 1
+    return ql
