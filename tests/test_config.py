@@ -3,6 +3,8 @@
 import dataclasses
 
 import pytest
+import torch
+from torch import nn
 
 import smallify as sm
 from smallify.config import REGISTRY, Config, config_from_dict
@@ -22,6 +24,8 @@ def test_every_config_is_registered_by_kind():
 
 
 def test_a_new_config_kind_is_one_class(tmp_path):
+    from smallify.pack.container import STRUCTURES, _config_from
+
     @dataclasses.dataclass
     class Halve(Config):
         kind = "test_halve"
@@ -30,8 +34,16 @@ def test_a_new_config_kind_is_one_class(tmp_path):
 
     try:
         assert config_from_dict({"kind": "test_halve", "factor": 0.25}) == Halve(0.25)
-        from smallify.pack.container import _config_from
-
         assert _config_from(Halve().to_dict()) == Halve()          # the container reads it without a list
+        with pytest.raises(sm.ConfigError, match=r"quantize\(\) takes config of type .*, Halve, .*; got KD"):
+            sm.quantize(nn.Linear(4, 4), sm.KD())                   # quantize's accepted types: the registry's
+        saved = nn.Linear(4, 4)
+        saved.quant_config = Halve()
+        sm.save(saved, tmp_path / "halve.smallify")
+        with pytest.raises(sm.ModelError, match=r"cannot rebuild a model quantized with Halve \(kind 'test_halve'\)"):
+            sm.load(tmp_path / "halve.smallify", nn.Linear(4, 4))
+        STRUCTURES["test_halve"] = lambda model, config, specs: model     # how load rebuilds it: one table entry
+        assert torch.equal(sm.load(tmp_path / "halve.smallify", nn.Linear(4, 4)).weight, saved.weight)
     finally:
         del REGISTRY["test_halve"]
+        STRUCTURES.pop("test_halve", None)

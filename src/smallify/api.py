@@ -7,15 +7,12 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
-from smallify.config import check_config
+from smallify.config import check_config, configs_of
 from smallify.errors import ConfigError, DataError, ModelError
-from smallify.quant.config import Float16, FP8Static, Int8Static, WeightOnly
+from smallify.quant.config import Float16, Int8Static, WeightOnly
 from smallify.quant.dynamic import Int8Dynamic
 from smallify.quant.mixed import MixedPrecision
 from smallify.quant.report import QuantReport
-
-
-CONFIGS = (MixedPrecision, Int8Static, FP8Static, Int8Dynamic, WeightOnly, Float16)
 
 
 @dataclass
@@ -60,7 +57,7 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
     * path to an ``.onnx`` file or an ``onnx.ModelProto``: returns ``QuantizedONNX``; writes ``out`` if given.
       ``data`` may also be the path of a .npz file (one array per model input).
     """
-    config = check_config(config, CONFIGS, "quantize") or Int8Static()
+    config = check_config(config, configs_of("quantize"), "quantize") or Int8Static()
     static = isinstance(config, Int8Static)
     if static and data is None:
         raise DataError(f"{type(config).__name__} calibrates activations on data: pass data= (an iterable of "

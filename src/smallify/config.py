@@ -30,10 +30,16 @@ def check_config(config: Any, accepted: type | tuple[type, ...], verb: str, argu
 REGISTRY: dict[str, type["Config"]] = {}     # kind -> config class; every Config subclass that names a kind
 
 
+def configs_of(verb: str) -> tuple[type["Config"], ...]:
+    """The registered config classes that ``verb`` takes (``verb`` in their ``verbs``), sorted by class name:
+    what a verb accepts is declared by the config classes, never listed again in the verb."""
+    return tuple(sorted((c for c in REGISTRY.values() if verb in c.verbs), key=lambda c: c.__name__))
+
+
 def config_from_dict(d: dict[str, Any], verb: str | None = None) -> "Config":
     """The config that ``d`` describes (as ``to_dict`` wrote it), its class found by ``kind`` in the registry;
     ``verb``: accept only the configs of that verb (e.g. 'quantize')."""
-    kinds = {k: c for k, c in REGISTRY.items() if verb is None or verb in c.verbs}
+    kinds = {c.kind: c for c in (REGISTRY.values() if verb is None else configs_of(verb))}
     kind = d.get("kind") if isinstance(d, dict) else None
     if kind not in kinds:
         raise ConfigError(f"unknown config kind {kind!r}; accepted: {sorted(kinds)}")

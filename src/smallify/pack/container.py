@@ -14,6 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -179,11 +180,11 @@ def _first_line(e: BaseException) -> str:
 def _config_from(d: dict | None):
     """The manifest's config, its class found by kind in the config registry (``smallify.config``): every
     config of ``quantize``."""
-    from smallify.config import REGISTRY, config_from_dict
+    from smallify.config import config_from_dict, configs_of
 
     if d is None:
         return None
-    kinds = sorted(k for k, c in REGISTRY.items() if "quantize" in c.verbs)
+    kinds = sorted(c.kind for c in configs_of("quantize"))
     if d.get("kind") not in kinds:
         raise ModelError(f"unknown config kind {d.get('kind')!r} in the manifest; accepted: {kinds}")
     try:
@@ -215,38 +216,71 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                          "architecture the file was saved from") from None
 
 
-def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
-    from smallify.quant.config import Float16, WeightOnly
-    from smallify.quant.dynamic import Int8Dynamic, dynamic_module
-    from smallify.quant.weight_only import fold_batchnorm, half_module
+def _half(model: nn.Module, config, specs: dict) -> nn.Module:
+    from smallify.quant.weight_only import half_module
 
+    return half_module(model, config)
+
+
+def _dynamic(model: nn.Module, config, specs: dict) -> nn.Module:
+    from smallify.quant.dynamic import dynamic_module
+
+    return dynamic_module(model, config)
+
+
+def _weight_only(model: nn.Module, config, specs: dict) -> nn.Module:
+    """BatchNorms folded, then every layer the file holds becomes its twin on the file's grid."""
+    from smallify.quant.weight_only import fold_batchnorm
+
+    target = fold_batchnorm(model)
+    target.quant_config = config
+    modules = dict(target.named_modules())
+    for name, spec in specs.items():
+        m = _layer(modules, name)
+        if qmod.lookup(m) is None:
+            raise ModelError(f"layer {name!r} of the model ({type(m).__name__}) has no quantized form; the "
+                             "file was saved from another architecture")
+        qmod.replace_module(target, name, qmod.lookup(m).from_float(m, spec))
+    return target
+
+
+def _static(model: nn.Module, config, specs: dict) -> nn.Module:
+    from smallify.quant.ptq import quantize_module
+
+    return quantize_module(model, config, None, progress=False)
+
+
+# How ``load`` builds the compressed structure a manifest's config names, before the tensors are filled:
+# config kind -> fn(float model, config, {layer: WeightSpec}) -> model, found along the config class's MRO
+# (MixedPrecision and FP8Static are rebuilt as the Int8Static they subclass).
+STRUCTURES: dict[str, Callable[[nn.Module, object, dict], nn.Module]] = {
+    "float16": _half, "int8_dynamic": _dynamic, "weight_only": _weight_only, "int8_static": _static}
+
+
+def _structure(config) -> Callable[[nn.Module, object, dict], nn.Module]:
+    for klass in type(config).__mro__:
+        build = STRUCTURES.get(klass.__dict__.get("kind"))
+        if build is not None:
+            return build
+    raise ModelError(f"this smallify cannot rebuild a model quantized with {type(config).__name__} "
+                     f"(kind {config.kind!r}); it rebuilds kinds {sorted(STRUCTURES)} and their subclasses")
+
+
+def _layer(modules: dict, name: str) -> nn.Module:
+    if name not in modules:
+        raise ModelError(f"the model has no layer {name!r} that the file holds; is it the same architecture?")
+    return modules[name]
+
+
+def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
     layers = manifest.get("layers", {})
     specs = {name: _spec_from(info["spec"], name) for name, info in layers.items()}
     if manifest.get("removed_branches"):
         model = remove_branches(model, manifest["removed_branches"])
-    if config is None:
-        target = model
-    elif isinstance(config, Float16):
-        target = half_module(model, config)
-    elif isinstance(config, Int8Dynamic):
-        target = dynamic_module(model, config)
-    elif isinstance(config, WeightOnly):
-        target = fold_batchnorm(model)
-        target.quant_config = config
-    else:
-        from smallify.quant.ptq import quantize_module
-
-        target = quantize_module(model, config, None, progress=False)
+    target = model if config is None else _structure(config)(model, config, specs)
     modules = dict(target.named_modules())
     for name in layers:
-        if name not in modules:
-            raise ModelError(f"the model has no layer {name!r} that the file holds; is it the same architecture?")
-        if isinstance(config, WeightOnly):
-            m = modules[name]
-            if qmod.lookup(m) is None:
-                raise ModelError(f"layer {name!r} of the model ({type(m).__name__}) has no quantized form; the "
-                                 "file was saved from another architecture")
-            qmod.replace_module(target, name, qmod.lookup(m).from_float(m, specs[name]))
+        _layer(modules, name)
     modules = dict(target.named_modules())
     state = {}
     with safe_open(str(path), framework="pt") as f:
