@@ -18,7 +18,8 @@ import torch
 from torch import fx, nn
 
 from smallify.errors import ModelError
-from smallify.prune.graph import Builder, Segment, Slot, module_handler, register_handler, same_segments
+from smallify.prune.graph import (Builder, Segment, Slot, SplitParts, module_handler, register_handler,
+                                  same_segments)
 from smallify.prune.handlers import linear_handler, pass_handler
 
 aten = torch.ops.aten
@@ -296,3 +297,44 @@ def _attention(b: Builder, n: fx.Node, fn):
             b.freeze(b.layout.get(a), f"attention mask of {n.name}")
     b.axis[n] = 1
     return ql
+
+
+# Modules whose fixed-size channel splits follow their layers after pruning (prune/hf.py re-derives the size).
+RESIZED_SPLITS = {"transformers.models.gpt2.modeling_gpt2.GPT2Attention"}
+
+
+def _split_owner(n: fx.Node) -> str | None:
+    stack = n.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][1] if stack else None
+
+
+@register_handler(aten.split.Tensor, aten.split_with_sizes.default)
+def _split_sizes(b: Builder, n: fx.Node, fn):
+    """A split into parts of fixed sizes on the channel axis (GPT-2's ``c_attn(x).split(split_size)`` into
+    q, k, v): each part its own channels, where the module that splits re-derives its sizes after pruning
+    (``RESIZED_SPLITS``); frozen elsewhere. On another axis every part keeps the input's channels."""
+    x = n.args[0]
+    s, axis, lay = b.shape(x), b.axis_of(x), b.input_layout(n)
+    dim = n.args[2] if len(n.args) > 2 else 0
+    if s is None or axis is None or lay is None:
+        return b.unknown(n, f"operation {fn} ({n.name})")
+    sizes = list(n.args[1]) if fn == aten.split_with_sizes.default else \
+        [n.args[1]] * (s[dim] // n.args[1]) + ([s[dim] % n.args[1]] if s[dim] % n.args[1] else [])
+    b.axis[n] = axis
+    if dim % len(s) != axis:
+        return SplitParts([lay] * len(sizes))
+    owner = _split_owner(n)
+    cuts = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    refined = b.spaces.refine(lay, cuts) if owner in RESIZED_SPLITS else None
+    if refined is None:
+        return b.unknown(n, f"split ({n.name}) into parts of fixed sizes on the channel axis (the sizes are "
+                            f"constants of {owner or 'forward'})")
+    parts, i = [], 0
+    for size in sizes:
+        segs, filled = [], 0
+        while filled < size:
+            segs.append(refined[i])
+            filled += refined[i].size
+            i += 1
+        parts.append(segs)
+    return SplitParts(parts)

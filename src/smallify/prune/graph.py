@@ -72,7 +72,7 @@ class Group:
 
     @property
     def producers(self) -> list[str]:
-        return [s.module for s in self.slots if s.dim == "out"]
+        return list(dict.fromkeys(s.module for s in self.slots if s.dim == "out"))     # GPT-2's c_attn: 3 slots
 
     def describe(self) -> str:
         return f"group {self.id}: {self.size} channels of {', '.join(self.producers) or '(no producer)'}"

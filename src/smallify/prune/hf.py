@@ -1,14 +1,14 @@
-"""After channel pruning a Hugging Face model: the sizes its config gives, brought in line with its layers.
+"""After channel pruning a Hugging Face model: the sizes its config and modules give, in line with its layers.
 
 HF builds layers from ``config`` (``intermediate_size``; GPT-2's ``n_inner``, where None means 4 x
-``n_embd``; ``num_attention_heads`` / ``num_key_value_heads``), and some modules keep a copy
-(``LlamaMLP.intermediate_size``, ``BertSelfAttention.num_attention_heads`` and ``all_head_size``).
-Attention heads: the config follows only where it states ``head_dim`` (Llama); BERT derives the head size
-from ``hidden_size / num_attention_heads``, so its config cannot say fewer heads and keeps its value. When every layer's FFN was
-pruned to the same width, the config says that width, so ``save_pretrained`` / ``from_pretrained`` and a
-factory built from the config agree with the pruned model; when the widths differ (``scope='global'``) the
-config keeps its value and the returned note says so (``smallify.load`` with a factory model still fits the
-saved shapes).
+``n_embd``; ``num_attention_heads`` / ``num_key_value_heads``, GPT-2's ``n_head``), and some modules keep a
+copy that forward reads (GPT-2's ``split_size``) or not (``LlamaMLP.intermediate_size``,
+``BertSelfAttention.num_attention_heads``). ``sync_modules`` sets those from the layers (after pruning and
+after ``fit_shapes``). When every layer was pruned alike, the config says the new sizes, so
+``save_pretrained`` / ``from_pretrained`` and a factory built from the config agree with the pruned model.
+The config keeps its value, and the returned note says why, when the widths differ per layer or when it
+derives the head size from the head count (BERT, GPT-2: only Llama-style configs state ``head_dim``);
+``smallify.load(path, factory_model)`` still fits every saved shape.
 """
 from __future__ import annotations
 
@@ -49,10 +49,18 @@ def sync_config(model: nn.Module, groups: list[dict]) -> list[str]:
     return notes + _sync_heads(model, config)
 
 
-def _sync_heads(model: nn.Module, config) -> list[str]:
+def sync_modules(model: nn.Module) -> tuple[set, set]:
+    """Module attributes that mirror layer shapes, set from the layers (after pruning, or after
+    ``fit_shapes`` gave a factory model the saved shapes); the head counts and key/value head counts seen."""
     heads, kv_heads = set(), set()
     for m in model.modules():
-        if isinstance(getattr(m, "query", None), nn.Linear) and isinstance(getattr(m, "attention_head_size", None), int):
+        c_attn = getattr(m, "c_attn", None)
+        if c_attn is not None and isinstance(getattr(m, "split_size", None), int) \
+                and isinstance(getattr(m, "head_dim", None), int) and not getattr(m, "is_cross_attention", False):
+            m.split_size = c_attn.weight.shape[1] // 3                              # GPT-2: q, k, v side by side
+            m.num_heads = m.split_size // m.head_dim
+            heads.add(m.num_heads)
+        elif isinstance(getattr(m, "query", None), nn.Linear) and isinstance(getattr(m, "attention_head_size", None), int):
             m.all_head_size = m.query.out_features                                  # BERT
             m.num_attention_heads = m.all_head_size // m.attention_head_size
             heads.add(m.num_attention_heads)
@@ -60,11 +68,19 @@ def _sync_heads(model: nn.Module, config) -> list[str]:
                 and isinstance(getattr(m, "head_dim", None), int):                  # Llama and its kin
             heads.add(m.q_proj.out_features // m.head_dim)
             kv_heads.add(m.k_proj.out_features // m.head_dim)
-            for attr, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+            for attr, value in (("num_heads", m.q_proj.out_features // m.head_dim),
+                                ("num_key_value_heads", m.k_proj.out_features // m.head_dim)):
                 if isinstance(getattr(m, attr, None), int):
-                    setattr(m, attr, next(iter(value)))
+                    setattr(m, attr, value)
+    return heads, kv_heads
+
+
+def _sync_heads(model: nn.Module, config) -> list[str]:
+    heads, kv_heads = sync_modules(model)
     notes = []
+    names = {"num_attention_heads": "n_head"} if getattr(config, "n_head", None) is not None else {}
     for attr, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        attr = names.get(attr, attr)
         before = getattr(config, attr, None)
         if not value or value == {before} or not isinstance(before, int):
             continue

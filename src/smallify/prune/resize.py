@@ -210,3 +210,6 @@ def fit_shapes(model: nn.Module, state: dict) -> None:
         for dim, n in handler.saved_sizes(m, name, state).items():
             if dim in now and n != now[dim] and n > 0:
                 handler.keep(m, dim, torch.arange(n) % now[dim])    # values are loaded from the file next
+    from smallify.prune.hf import sync_modules
+
+    sync_modules(model)          # attributes that mirror the shapes (a Hugging Face attention's head count)
