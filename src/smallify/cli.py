@@ -88,6 +88,9 @@ def quantize(
     smooth_quant: str = typer.Option("auto", "--smooth-quant",
                                      help="auto (0.8 for transformers) | off | alpha in [0, 1]"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="calibrate on at most this many samples"),
+    check_speed: bool = typer.Option(False, "--check-speed/--no-check-speed", help="time the result against the "
+                                     "float model in ONNX Runtime (each in its own process, batch 1 and 32) and say "
+                                     "whether it is faster on this CPU"),
 ):
     """Quantize an ONNX model (INT8 QDQ by default, calibrating activations on CALIB)."""
     from smallify.api import quantize as quantize_verb
@@ -148,6 +151,30 @@ def quantize(
     for warning in result.report.warnings:
         typer.echo(f"smallify: warning: {warning}", err=True)
     typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
+    if check_speed:
+        typer.echo(speed_check(input, out, result.report))
+
+
+def speed_check(float_path: Path, quantized: Path, report, batches=(1, 32), rounds: int = 2,
+                seconds: float = 1.0) -> str:
+    """Time both models (ONNX Runtime, 2 threads, each in a fresh process, alternating) and say plainly whether
+    the quantized one is faster on this CPU."""
+    from smallify.measure.isolated import bench_isolated
+    from smallify.measure.machine import cpu_summary
+
+    times = bench_isolated({"float": str(float_path), "quantized": str(quantized)}, batches, "onnxruntime", 2,
+                           seconds, rounds, progress=lambda msg: typer.echo(f"  timing {msg}", err=True)
+                           if sys.stderr.isatty() else None)
+    ratios = {b: times["quantized", b] / times["float", b] for b in batches}
+    lines = [f"speed check (ONNX Runtime, 2 threads, each model in its own process; {cpu_summary()}):"]
+    lines += [f"  batch {b}: {times['float', b]:.2f} ms float, {times['quantized', b]:.2f} ms quantized: "
+              f"{r:.2f}x" for b, r in ratios.items()]
+    slower = [b for b, r in ratios.items() if r >= 1.0]
+    if slower:
+        why = ", ".join(f"{op} x{n}" for op, n in sorted(report.round_trips.items()))
+        lines.append(f"  no speed-up at batch {', '.join(map(str, slower))} on this CPU: keep the float model there"
+                     + (f" (operators without integer kernels, each a float round trip: {why})" if why else ""))
+    return "\n".join(lines)
 
 
 def _note_half_calibration(calib: Path) -> None:

@@ -170,3 +170,35 @@ def test_large_model_path_through_external_data(corpus, tmp_path, monkeypatch, m
     ref, got = oc.run_onnx(model.path, feeds), oc.run_onnx(out, feeds)
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > BOUNDS[method][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.q.onnx", "big.q.onnx.data"]
+
+
+def test_report_lists_operators_without_integer_kernels(corpus):
+    import smallify as sm
+
+    get, _ = corpus
+    for name, expected in (("mobilenet_se", {"HardSigmoid": 11}), ("cnn_opset17", {})):
+        model = get(name)
+        res = sm.quantize(str(model.path), sm.Int8Static(), data=model.calib, progress=False)
+        assert res.report.round_trips == expected            # hard-swish's HardSigmoid: DQ -> float -> Q
+    assert "HardSigmoid x11" in str(sm.quantize(str(get("mobilenet_se").path), sm.Int8Static(),
+                                                data=get("mobilenet_se").calib, progress=False).report)
+
+
+def test_cli_check_speed_says_whether_int8_pays(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from smallify.cli import app
+
+    get, _ = corpus
+    model = get("cnn_opset17")
+    np.savez(tmp_path / "c.npz", input=model.calib["input"])
+    r = CliRunner().invoke(app, ["quantize", str(model.path), "--calib", str(tmp_path / "c.npz"), "--out",
+                                 str(tmp_path / "q.onnx"), "--check-speed"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("speed check (ONNX Runtime"))
+    assert "CPU:" in lines[start]
+    for b, line in zip((1, 32), lines[start + 1:start + 3]):
+        assert line.startswith(f"  batch {b}: ") and line.endswith("x") and "ms float" in line
+    ratios = [float(ln.rsplit(" ", 1)[1][:-1]) for ln in lines[start + 1:start + 3]]
+    assert any("no speed-up" in ln for ln in lines) == any(x >= 1.0 for x in ratios)

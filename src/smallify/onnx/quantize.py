@@ -204,6 +204,39 @@ def compact(model: onnx.ModelProto) -> None:
     drop_unused_initializers(model)
 
 
+def round_trips(model: onnx.ModelProto) -> dict[str, int]:
+    """Operators that still read a DequantizeLinear output and feed a QuantizeLinear once ONNX Runtime has fused
+    what it can into integer kernels (its optimized graph, extended level): they have no integer kernel, so their
+    tensor is dequantized, computed in float and quantized again (e.g. HardSigmoid in hard-swish). Returns op
+    type -> count; {} when ONNX Runtime cannot build the graph here (FP8)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        try:
+            onnx_io.ort_session(model, so)
+            graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - a diagnostic only; the model itself was checked
+            return {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    dq_out = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    counts: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or not any(t in dq_out for t in n.input):
+            continue
+        if any(c.op_type == "QuantizeLinear" for o in n.output for c in consumers.get(o, [])):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
 def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLike | None = None,
                   progress: bool = True, cache: dict | None = None) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize a float ONNX model to a QDQ model; writes ``out`` atomically when given. ``cache``: a dict
@@ -251,7 +284,8 @@ def quantize_onnx(model_or_path, config: Int8Static, data, out: str | os.PathLik
     model.producer_name = "smallify"
     compact(model)
     check_model(model)
-    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme, alpha)
+    report = QuantReport(config.to_dict(), reports, len(qparams), samples, elapsed, scheme, alpha,
+                         round_trips=round_trips(model))
     if out is not None:
         save_onnx(model, out)
     return model, report

@@ -23,6 +23,7 @@ class QuantReport:
     scheme: str = "cnn"           # the placement used ('cnn' or 'transformer'), chosen from the graph when 'auto'
     smooth_quant: float | None = None   # SmoothQuant alpha applied, if any
     plan: object = None                 # MixedPrecision: the searched per-layer plan (quant.mixed.Plan)
+    round_trips: dict = field(default_factory=dict)   # ONNX: op type -> count of float ops between Q/DQ pairs
 
     @property
     def quantized(self) -> list[str]:
@@ -55,6 +56,10 @@ class QuantReport:
             lines.append("  8-bit weights on a 7-bit grid (reduce_range: integer kernels without VNNI/AMX "
                          "saturate on full-range int8)")
         lines += [f"  float: {name} ({reason})" for name, reason in self.floating.items()]
+        if self.round_trips:
+            lines.append("  no integer kernel, run in float between DequantizeLinear and QuantizeLinear (a round trip "
+                         "each; time the model against FP32 with --check-speed): "
+                         + ", ".join(f"{op} x{n}" for op, n in sorted(self.round_trips.items())))
         lines += [f"  warning: {w}" for w in self.warnings]
         if self.plan is not None:
             lines.append(str(self.plan))
