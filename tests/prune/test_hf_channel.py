@@ -88,6 +88,8 @@ def test_ffn_neurons_and_heads_are_found_and_the_residual_is_frozen(pruned):
             want.append(([p.format(i=i) for p in spec["attn"]], spec["heads"], spec["heads"] // 2))
         want.append(([p.format(i=i) for p in spec["ffn"]], spec["width"], spec["width"] // 2))
     assert changed == want
+    rows = {"bert": "16", "gpt2": "16", "llama": "32/16"}[name]             # Llama: 2 query heads, 1 key/value head
+    assert f"{spec['heads']} -> {spec['heads'] // 2} channels (heads: {rows} rows each)" in str(rep)
     frozen = {tuple(g["producers"]): g["frozen"] for g in rep.groups if "frozen" in g}
     residual = next(r for p, r in frozen.items() if spec["ffn_reader"].format(i=0) in p)   # the FFN's output
     assert "embedding" in residual

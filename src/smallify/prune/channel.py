@@ -132,7 +132,9 @@ class PruneReport:
                          f"{b['output_error']:.3f}, MACs saved {b['macs_saved']:.3f} (alone)")
         for g in self.groups:
             if g.get("after") is not None and g["after"] < g["before"]:
-                lines.append(f"  {', '.join(g['producers'])}: {g['before']} -> {g['after']} channels")
+                rows = g.get("rows_per_channel")
+                unit = f" (heads: {'/'.join(map(str, rows))} rows each)" if rows else ""
+                lines.append(f"  {', '.join(g['producers'])}: {g['before']} -> {g['after']} channels{unit}")
             elif g.get("after") is not None:
                 lines.append(f"  unchanged: {', '.join(g['producers'])} ({g['before']} channels)")
             else:
@@ -345,6 +347,9 @@ def prune(model: nn.Module, config: ChannelPrune | None = None, example_inputs=N
     report_groups = []
     for g in graph.groups:
         entry = {"producers": g.producers, "before": g.size}
+        rows = list(dict.fromkeys(s.factor for s in g.slots if s.dim == "out"))
+        if rows and rows != [1]:
+            entry["rows_per_channel"] = rows          # a channel of several rows: an attention head (or a GQA group)
         if g.id in keep:
             entry["after"] = len(keep[g.id])
         else:
