@@ -164,3 +164,13 @@ def test_uneven_widths_keep_the_config_and_say_why():
     widths = [small.get_submodule(f"model.layers.{i}.mlp.up_proj").out_features for i in range(2)]
     assert widths == [96, 64] and small.config.intermediate_size == 128
     assert "FFN widths differ" in str(small.report)
+
+
+def test_pruned_then_quantized_round_trips_the_container(pruned, tmp_path):
+    name, model, cfg, small = pruned
+    q = sm.quantize(small, sm.Int8Static(), torch.randint(0, 200, (16, 12)), progress=False)
+    sm.save(q, tmp_path / "pq.smallify")
+    back = sm.load(tmp_path / "pq.smallify", build(name)[0])      # twins swapped in, then shapes fitted
+    x, key = torch.randint(0, 200, (2, 8)), MODELS[name]["key"]
+    with torch.no_grad():
+        assert torch.equal(back(x)[key], q(x)[key])

@@ -57,7 +57,8 @@ def sync_modules(model: nn.Module) -> tuple[set, set]:
         c_attn = getattr(m, "c_attn", None)
         if c_attn is not None and isinstance(getattr(m, "split_size", None), int) \
                 and isinstance(getattr(m, "head_dim", None), int) and not getattr(m, "is_cross_attention", False):
-            m.split_size = c_attn.weight.shape[1] // 3                              # GPT-2: q, k, v side by side
+            width = c_attn.out_features if isinstance(c_attn, nn.Linear) else c_attn.weight.shape[1]   # a twin or Conv1D
+            m.split_size = width // 3                                               # GPT-2: q, k, v side by side
             m.num_heads = m.split_size // m.head_dim
             heads.add(m.num_heads)
         elif isinstance(getattr(m, "query", None), nn.Linear) and isinstance(getattr(m, "attention_head_size", None), int):
