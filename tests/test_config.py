@@ -47,3 +47,36 @@ def test_a_new_config_kind_is_one_class(tmp_path):
     finally:
         del REGISTRY["test_halve"]
         STRUCTURES.pop("test_halve", None)
+
+
+def test_a_new_quantization_method_is_one_registration():
+    """A config + register_quantizer is all quantize needs: no list of configs to edit elsewhere."""
+    import sys
+    import types
+
+    from smallify.api import QUANTIZERS, register_quantizer
+    from smallify.config import Config
+
+    @dataclasses.dataclass
+    class Halve(Config):
+        kind = "halve_test"
+        verbs = ("quantize",)
+
+    try:
+        register_quantizer(Halve, "tests_halve_helpers:halve", "tests_halve_helpers:halve_onnx")
+        helpers = types.ModuleType("tests_halve_helpers")
+        helpers.halve = lambda model, config: nn.Sequential(model, nn.Identity())
+        sys.modules["tests_halve_helpers"] = helpers
+        out = sm.quantize(nn.Linear(2, 2), Halve())
+        assert isinstance(out, nn.Sequential)
+        with pytest.raises(sm.ConfigError, match="has no quantizer"):
+            from smallify.api import quantizer_for
+
+            del QUANTIZERS[Halve]
+            quantizer_for(Halve(), "pytorch")
+    finally:
+        QUANTIZERS.pop(Halve, None)
+        sys.modules.pop("tests_halve_helpers", None)
+        from smallify import config as config_mod
+
+        config_mod.REGISTRY.pop("halve_test", None)

@@ -67,50 +67,58 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
             raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)"
                               " or smallify.save(qmodel, path)")
         check_finite_weights(model, config)
-        if isinstance(config, MixedPrecision):
-            from smallify.quant.mixed import mixed_module
-
-            return mixed_module(model, config, data, eval_fn, progress)
-        if static:
-            from smallify.quant.ptq import quantize_module
-
-            return quantize_module(model, config, data, progress)
-        from smallify.quant.dynamic import dynamic_module
-        from smallify.quant.weight_only import half_module, weight_only_module
-
-        convert = {Int8Dynamic: dynamic_module, WeightOnly: weight_only_module, Float16: half_module}[type(config)]
-        return convert(model, config)
+        return _call(quantizer_for(config, "pytorch"), model, config, data=data, eval_fn=eval_fn, progress=progress)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         from smallify.onnx import io as onnx_io
 
         if out is not None:
             onnx_io.check_writable(out, (model, data))   # also refuses the data file, hard links
-        plan = None
-        if isinstance(config, MixedPrecision):
-            from smallify.onnx.mixed import mixed_onnx
-
-            proto, report, plan = mixed_onnx(model, config, data, eval_fn, None, progress)
-        elif static:
-            from smallify.onnx.quantize import quantize_onnx
-
-            proto, report = quantize_onnx(model, config, data, None, progress)
-        elif isinstance(config, Int8Dynamic):
-            from smallify.onnx.dynamic import dynamic_onnx
-
-            proto, report = dynamic_onnx(model, config, None)
-        else:
-            from smallify.onnx.weight_only import convert_onnx
-
-            proto, report = convert_onnx(model, config, None)
+        result = _call(quantizer_for(config, "onnx"), model, config, data=data, eval_fn=eval_fn, progress=progress,
+                       out=None)
+        proto, report, plan = (*result, None)[:3]
         if not report.quantized:
             raise ModelError(nothing_quantized(config, report))
         if out is not None:
-            from smallify.onnx.io import save_onnx
-
-            save_onnx(proto, out)
+            onnx_io.save_onnx(proto, out)
         return QuantizedONNX(proto, None if out is None else str(out), report, plan)
     raise ModelError(f"cannot quantize a {type(model).__name__}; accepted: torch.nn.Module, path to .onnx, "
                      "onnx.ModelProto")
+
+
+# config type -> (PyTorch converter, ONNX converter), "module:function", imported when used and looked up along
+# the config's MRO (FP8Static uses Int8Static's entry). Each converter is called with the keywords it names among
+# data, eval_fn, progress and out. A new quantization method registers here, or with register_quantizer.
+QUANTIZERS: dict[type, tuple[str, str]] = {
+    MixedPrecision: ("smallify.quant.mixed:mixed_module", "smallify.onnx.mixed:mixed_onnx"),
+    Int8Static: ("smallify.quant.ptq:quantize_module", "smallify.onnx.quantize:quantize_onnx"),
+    Int8Dynamic: ("smallify.quant.dynamic:dynamic_module", "smallify.onnx.dynamic:dynamic_onnx"),
+    WeightOnly: ("smallify.quant.weight_only:weight_only_module", "smallify.onnx.weight_only:convert_onnx"),
+    Float16: ("smallify.quant.weight_only:half_module", "smallify.onnx.weight_only:convert_onnx"),
+}
+
+
+def register_quantizer(config_type: type, pytorch: str, onnx_path: str) -> None:
+    """Route ``quantize(model, config_type(...))`` to ``pytorch`` / ``onnx_path`` ("module:function")."""
+    QUANTIZERS[config_type] = (pytorch, onnx_path)
+
+
+def quantizer_for(config, path: str):
+    import importlib
+
+    entry = next((QUANTIZERS[c] for c in type(config).__mro__ if c in QUANTIZERS), None)
+    if entry is None:
+        raise ConfigError(f"{type(config).__name__} has no quantizer; accepted: "
+                          f"{', '.join(sorted(c.__name__ for c in QUANTIZERS))} (or register one with "
+                          "smallify.api.register_quantizer)")
+    module, _, name = entry[0 if path == "pytorch" else 1].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _call(fn, model, config, **options):
+    import inspect
+
+    accepted = inspect.signature(fn).parameters
+    return fn(model, config, **{k: v for k, v in options.items() if k in accepted})
 
 
 _HINTS = {Int8Dynamic: "dynamic INT8 handles MatMul and Gemm layers; for convolutions use --method int8",
