@@ -388,8 +388,9 @@ def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3, 
         kept_out = getattr(m, "_smallify_kept_out", None)
         if kept_out is not None:
             y = y[:, kept_out] if y.ndim == 4 else y[..., kept_out]
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue                  # reconstruction knows Conv2d (unfolded patches) and Linear
+        transposed = getattr(resizer(m), "out_rows", None) is not None      # transformers' Conv1D: [in, out]
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) and not transposed:
+            continue                  # reconstruction knows Conv2d (unfolded patches) and Linear (and Conv1D)
         if isinstance(m, nn.Conv2d):
             if m.groups != 1:
                 continue
@@ -410,7 +411,7 @@ def _reconstruct(model, seen: dict, max_rows: int = 40000, ridge: float = 1e-3, 
         gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
         w = torch.linalg.solve(gram, a64.T @ t64).T.float()                            # [Cout, Cin*k*k]
         with torch.no_grad():
-            m.weight.copy_(w.reshape(m.weight.shape))
+            m.weight.copy_(w.T if transposed else w.reshape(m.weight.shape))
 
 
 def _kept_in_channels(m: nn.Module) -> torch.Tensor:
