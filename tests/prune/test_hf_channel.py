@@ -190,3 +190,16 @@ def test_reconstruction_refits_the_readers_of_pruned_features(name):
         with torch.no_grad():
             errors.append((small(test)[key] - model(test)[key]).pow(2).mean().item())
     assert errors[1] < 0.8 * errors[0], errors            # measured: 0.10x BERT, 0.14x GPT-2, 0.64x Llama
+
+
+def test_a_tokenizer_style_dict_is_example_inputs():
+    model, cfg = build("bert")
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0                                                  # padding: the mask reaches attention
+    small = sm.prune(model, sm.ChannelPrune(ratio=0.5), {"input_ids": ids, "attention_mask": mask})
+    assert small.report.macs_after < 0.55 * small.report.macs_before
+    ref = masked_reference("bert", model, small)
+    with torch.no_grad():
+        got, want = small(ids, mask).last_hidden_state, ref(ids, mask).last_hidden_state
+    assert (got - want).abs().max() < 2e-5

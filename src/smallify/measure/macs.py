@@ -1,6 +1,8 @@
 """Multiply-accumulate operations and parameter counts of a PyTorch model, per sample, by forward hooks."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -8,7 +10,8 @@ from torch import nn
 def count_macs(model: nn.Module, example_inputs) -> int:
     """MACs of one forward pass over ``example_inputs``, divided by its batch size (Conv, Linear, attention
     matmuls are not counted; they are the same before and after channel pruning of a CNN)."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}     # a tokenizer's output
+    inputs = () if kwargs else (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     total = [0]
 
     def hook(m, args, out):
@@ -20,11 +23,11 @@ def count_macs(model: nn.Module, example_inputs) -> int:
                or _transposed_linear(m)]
     try:
         with torch.no_grad():
-            model.eval()(*inputs)
+            model.eval()(*inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return total[0] // inputs[0].shape[0]
+    return total[0] // next(t for t in (*inputs, *kwargs.values()) if isinstance(t, torch.Tensor)).shape[0]
 
 
 def _transposed_linear(m: nn.Module) -> bool:

@@ -71,14 +71,15 @@ def _owner(n: fx.Node, model: nn.Module):
     return None
 
 
-def export(model: nn.Module, inputs: tuple, fx_error: Exception):
-    """``torch.export`` of ``model`` on ``inputs`` (caches off: Hugging Face models return them otherwise)."""
+def export(model: nn.Module, inputs: tuple, fx_error: Exception, kwargs: dict | None = None):
+    """``torch.export`` of ``model`` on ``inputs`` and ``kwargs`` (caches off: Hugging Face models return them
+    otherwise)."""
     config = getattr(model, "config", None)
     cache = getattr(config, "use_cache", None)
     try:
         if cache:
             config.use_cache = False
-        return torch.export.export(model, inputs, strict=False)
+        return torch.export.export(model, inputs, kwargs or None, strict=False)
     except Exception as e:
         raise ModelError(f"{fx_error}; torch.export cannot capture it either ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -87,11 +88,11 @@ def export(model: nn.Module, inputs: tuple, fx_error: Exception):
             config.use_cache = cache
 
 
-def module_graph(model: nn.Module, inputs: tuple, fx_error: Exception) -> fx.Graph:
+def module_graph(model: nn.Module, inputs: tuple, fx_error: Exception, kwargs: dict | None = None) -> fx.Graph:
     """An fx graph of ``model`` at the level the handlers read: one ``call_module`` node per layer with a handler
     (its ATen operations folded, when they read one tensor and give one), ATen calls elsewhere, and every node's
     output shape in ``meta['tensor_meta']``."""
-    ep = export(model, inputs, fx_error)
+    ep = export(model, inputs, fx_error, kwargs)
     sig = ep.graph_signature
     weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
                **getattr(sig, "inputs_to_lifted_tensor_constants", {})}

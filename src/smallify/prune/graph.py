@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -303,12 +304,15 @@ def build(model: nn.Module, example_inputs, ignore: tuple[str, ...] = ()) -> Dep
     from smallify.prune import exported, handlers  # noqa: F401  (the built-in handlers register themselves)
 
     model = model.eval()
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}      # a tokenizer's output
+    inputs = () if kwargs else (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     advice = "make the forward traceable, or prune the traceable part and pass the rest's layer names in ignore="
     try:
+        if kwargs:
+            raise ModelError("keyword inputs: read through torch.export")
         gm = trace(model, advice)
     except ModelError as fx_error:      # torch.fx cannot trace it (Hugging Face models): torch.export's ATen graph
-        graph = exported.module_graph(model, inputs, fx_error)
+        graph = exported.module_graph(model, inputs, fx_error, kwargs)
     else:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
