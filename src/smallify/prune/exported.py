@@ -51,6 +51,12 @@ def _conv1d_transposed(b: Builder, n: fx.Node, m: nn.Module):
         del m.in_features, m.out_features
 
 
+@register_handler(nn.Embedding)
+def _embedding(b: Builder, n: fx.Node, m: nn.Embedding):
+    """An embedding's width is the residual stream's: embedding tables are not resized, so it stays."""
+    return b.new_layout(n, f"embedding {n.target}: the residual stream's width (embedding tables are not resized)")
+
+
 def _meta(val):
     if isinstance(val, torch.Tensor):
         return types.SimpleNamespace(shape=tuple(val.shape), dtype=val.dtype)

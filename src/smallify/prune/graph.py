@@ -16,6 +16,8 @@ maps to a small handler that reads its inputs' layouts and returns its output's.
 channel axis, element-wise and pooling ops, reductions over other axes, cat, chunk (the parts pruned alike),
 flatten/reshape. Each layout knows its channel axis (1 for Conv1d's [N, C, L], the last for Linear's).
 Layer types with a handler are kept whole by the tracer; how each one shrinks is ``resize.py``.
+A model torch.fx cannot trace (Hugging Face transformers) is read through torch.export instead
+(``exported.py``: the same node shapes, with ATen handlers for attention heads).
 """
 from __future__ import annotations
 
