@@ -3,12 +3,16 @@
 ``torch.export`` runs the model on its example inputs and records an ATen graph: every operation, with the
 module it ran in (``nn_module_stack``) and, through the graph signature, which placeholders are parameters.
 ``module_graph`` folds the ATen operations of every layer that has a handler (Linear, transformers' Conv1D,
-LayerNorm, ...) back into one ``call_module`` node, turns parameters into ``get_attr`` nodes, and keeps the
-rest as ATen calls, each with its output shape. The same builder and handler table as the fx path then read
-it: the ATen element-wise operations below pass or merge channels, views and attention freeze what they
-touch, and anything unknown freezes its inputs with its name. In a transformer block this finds the FFN
-neurons (fc1 -> act -> fc2, and gate * up -> down for gated MLPs) while the residual width stays frozen
-(embeddings, norms over it, and the model output all read it).
+LayerNorm, Embedding, ...) back into one ``call_module`` node, turns parameters into ``get_attr`` nodes, and
+keeps the rest as ATen calls, each with its output shape. The same builder and handler table as the fx path
+then read it, with the ATen handlers below: element-wise operations pass or merge channels (an operand
+broadcast along the channel axis reads none: rotary cos/sin, a norm's 1/rms); a view of [.., C] into
+[.., heads, head_dim] makes each head one channel of head_dim rows; transpose/unsqueeze/expand/slice move
+the channel axis or work beside it; ``scaled_dot_product_attention`` makes head i of q, k and v one channel
+(grouped-query attention: a key/value head and its query heads); merging heads back is the reader's input.
+Anything unknown freezes its inputs with its name. In a transformer block this finds the FFN neurons
+(fc1 -> act -> fc2, and gate * up -> down for gated MLPs) and the attention heads, while the residual width
+stays frozen (embeddings, norms over it, and the model output all read it).
 """
 from __future__ import annotations
 
@@ -44,11 +48,8 @@ def _no_output(b: Builder, n: fx.Node, target):
 @register_handler("transformers.pytorch_utils.Conv1D")
 def _conv1d_transposed(b: Builder, n: fx.Node, m: nn.Module):
     """transformers' Conv1D (GPT-2): a Linear whose weight is stored [in, out]."""
-    m.in_features, m.out_features = m.weight.shape       # what the Linear handler reads
-    try:
-        return linear_handler(b, n, m)
-    finally:
-        del m.in_features, m.out_features
+    features = m.weight.shape
+    return linear_handler(b, n, types.SimpleNamespace(in_features=features[0], out_features=features[1]))
 
 
 @register_handler(nn.Embedding)
