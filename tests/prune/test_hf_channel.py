@@ -203,3 +203,16 @@ def test_a_tokenizer_style_dict_is_example_inputs():
     with torch.no_grad():
         got, want = small(ids, mask).last_hidden_state, ref(ids, mask).last_hidden_state
     assert (got - want).abs().max() < 2e-5
+
+
+def test_llama_with_sdpa_enable_gqa_prunes_key_value_groups(monkeypatch):
+    """Where transformers hands grouped-query attention to sdpa (enable_gqa=True, no repeat_kv in the graph),
+    a key/value head still goes with its query heads."""
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    model, cfg = build("llama")
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(6))
+    small = sm.prune(model, sm.ChannelPrune(ratio=0.5), ids)
+    assert "2 -> 1 channels (heads: 32/16 rows each)" in str(small.report)
+    ref = masked_reference("llama", model, small)
+    with torch.no_grad():
+        assert (small(ids).logits - ref(ids).logits).abs().max() < 2e-5

@@ -287,17 +287,21 @@ def _cat_aten(b: Builder, n: fx.Node, fn):
 @register_handler(aten.scaled_dot_product_attention.default)
 def _attention(b: Builder, n: fx.Node, fn):
     """``sdpa(q, k, v)`` on [B, heads, T, head_dim]: head i of q, k and v are one channel. With grouped-query
-    attention (k and v channels of ``rep`` heads each), q's heads are taken ``rep`` at a time: a key/value
-    group and its query heads go together."""
+    attention (k and v repeated to channels of ``rep`` heads each, or ``enable_gqa=True`` with fewer k/v heads),
+    q's heads are taken ``rep`` at a time: a key/value head and its query heads go together."""
     q, k, v = n.args[:3]
     why = f"attention {n.name}: heads of q, k and v do not line up"
     lays = [b.spaces.expand(b.layout.get(a)) if isinstance(b.layout.get(a), list) else None for a in (q, k, v)]
     if any(lay is None for lay in lays) or any(b.axis_of(a) != 1 for a in (q, k, v)):
         return _refuse(b, n, why)
     ql, kl, vl = lays
-    rep = kl[0].factor
+    gqa = n.kwargs.get("enable_gqa", False)
+    heads = [sum(seg.size for seg in lay) for lay in lays]
+    rep = heads[0] // heads[1] if gqa and heads[1] and heads[0] % heads[1] == 0 else kl[0].factor
     if rep > 1 and all(seg.factor == 1 for seg in ql):
         ql = _coarsen(b, ql, rep)
+    if gqa and ql is not None:                  # k and v hold one row per head: line up by channel counts
+        kl, vl = ([Segment(seg.space, seg.size, seg.factor * rep) for seg in lay] for lay in (kl, vl))
     if ql is None or not _union(b, [ql, kl, vl]):
         return _refuse(b, n, why)
     for a in n.args[3:]:
