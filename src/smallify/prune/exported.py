@@ -22,8 +22,8 @@ import torch
 from torch import fx, nn
 
 from smallify.errors import ModelError
-from smallify.prune.graph import (Builder, Segment, Slot, SplitParts, module_handler, register_handler,
-                                  same_segments)
+from smallify.prune.graph import (Builder, Segment, Slot, SplitParts, flatten_layout, module_handler,
+                                  register_handler, same_segments)
 from smallify.prune.handlers import linear_handler, pass_handler
 
 aten = torch.ops.aten
@@ -32,7 +32,9 @@ PASS_ATEN = [aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmo
              aten.neg.default, aten.pow.Tensor_Scalar, aten.dropout.default, aten.clone.default,
              aten.contiguous.default, aten.alias.default, aten.detach.default, aten.to.dtype,
              aten.to.dtype_layout, aten._to_copy.default, aten.hardtanh.default, aten.leaky_relu.default,
-             aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default, aten.erf.default]
+             aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default, aten.erf.default,
+             aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
+             aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default, aten.max_pool1d.default]
 MERGE_ATEN = [aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.add_.Tensor,
               aten.mul_.Tensor]
 NO_OUTPUT_ATEN = [aten._assert_tensor_metadata.default]
@@ -208,7 +210,7 @@ def _prod(xs) -> int:
     return p
 
 
-@register_handler(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+@register_handler(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
 def _view(b: Builder, n: fx.Node, fn):
     """Reshapes of the channel axis that attention makes: [.., C] -> [.., heads, head_dim] (each head one
     channel of head_dim features), [.., heads, head_dim] -> [.., C] and [B, kv, rep, ..] -> [B, kv * rep, ..]
@@ -220,6 +222,9 @@ def _view(b: Builder, n: fx.Node, fn):
     if s is None or out is None or axis is None or lay is None:
         return b.unknown(n, f"operation view ({n.name})")
     c = s[axis]
+    if axis == 1 and len(s) > 2 and len(out) == 2 and out[0] == s[0]:        # [N, C, H, W] -> [N, C*H*W]
+        b.axis[n] = 1
+        return flatten_layout(lay, s, out, b.freeze, n)
     if axis == len(s) - 1 and len(out) == len(s) + 1 and out[:axis] == s[:axis] and out[-2] * out[-1] == c:
         d = out[-1]                                           # split into heads
         if all(seg.factor % d == 0 for seg in lay):
@@ -235,6 +240,22 @@ def _view(b: Builder, n: fx.Node, fn):
         b.axis[n] = axis
         return [Segment(seg.space, seg.size, seg.factor * s[axis + 1]) for seg in lay]
     return b.unknown(n, f"reshape {n.name} from {tuple(s)} to {tuple(out)} across the channel axis")
+
+
+@register_handler(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default)
+def _reduce(b: Builder, n: fx.Node, fn):
+    """A reduction over other axes than the channel axis (global pooling) keeps the channels."""
+    x = n.args[0]
+    s, axis, lay = b.shape(x), b.axis_of(x), b.input_layout(n)
+    dims = n.args[1] if len(n.args) > 1 else None
+    if s is None or axis is None or lay is None or not dims:
+        return b.unknown(n, f"operation {fn} ({n.name})")
+    dims = {d % len(s) for d in dims}
+    if axis in dims:
+        return b.unknown(n, f"operation {fn} ({n.name}) over the channel axis")
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    b.axis[n] = axis if keepdim else axis - sum(d < axis for d in dims)
+    return lay
 
 
 @register_handler(aten.transpose.int, aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor,
