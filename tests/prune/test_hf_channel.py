@@ -216,3 +216,18 @@ def test_llama_with_sdpa_enable_gqa_prunes_key_value_groups(monkeypatch):
     ref = masked_reference("llama", model, small)
     with torch.no_grad():
         assert (small(ids).logits - ref(ids).logits).abs().max() < 2e-5
+
+
+def test_taylor_on_a_causal_lm_scores_conv1d_neurons_by_their_columns():
+    """importance='taylor' with next-token labels: GPT-2's FFN neurons (columns of c_fc's [in, out] weight)
+    kept are the top half of |sum(w * dL/dw)| per column, computed here independently."""
+    model, cfg = build("gpt2")
+    g = torch.Generator().manual_seed(7)
+    data = [(ids := torch.randint(0, 200, (8, 12), generator=g), ids.roll(-1, 1)) for _ in range(2)]
+    small = sm.prune(model, sm.ChannelPrune(ratio=0.5, importance="taylor"), data[0][0], data=data)
+    ref = copy.deepcopy(model)
+    for x, y in data:
+        torch.nn.functional.cross_entropy(ref(x).logits.flatten(0, 1), y.flatten()).backward()
+    fc = ref.transformer.h[0].mlp.c_fc
+    want = torch.sort(torch.topk((fc.weight * fc.weight.grad).sum(0).abs(), 128).indices).values.tolist()
+    assert _kept(fc.weight.detach().t(), small.transformer.h[0].mlp.c_fc.weight.t()) == want

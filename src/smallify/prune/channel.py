@@ -178,7 +178,7 @@ def bn_scale(modules, group: Group, stats) -> torch.Tensor:
 
 
 def taylor(modules, group: Group, stats) -> torch.Tensor:
-    return sum(_part((modules[s.module].weight.detach() * stats["grads"][s.module]).flatten(1).sum(1).abs(), s, group.size)
+    return sum(_part((_out_rows(modules[s.module]) * stats["grads"][s.module].flatten(1)).sum(1).abs(), s, group.size)
                for s in group.slots if s.dim in ("out", "dw"))
 
 
@@ -213,9 +213,14 @@ def collect_stats(graph: DependencyGraph, criterion: str, data) -> dict:
             x, y = inputs_and_labels(b)
             if y is None:
                 raise DataError("importance 'taylor' needs labels: give batches of (inputs, labels)")
-            F.cross_entropy(model(x), y).backward()
-        stats["grads"] = {n: m.weight.grad.detach().clone() for n, m in modules.items()
-                          if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.weight.grad is not None}
+            logits = getattr(out := model(x), "logits", out)          # a Hugging Face model's output
+            if logits.ndim == y.ndim + 1 and logits.ndim > 2:         # per token: [B, T, vocab] and [B, T]
+                logits, y = logits.flatten(0, -2), y.flatten()
+            F.cross_entropy(logits, y).backward()
+        transposed = {n for n, m in modules.items() if getattr(resizer(m), "out_rows", None) is not None}
+        stats["grads"] = {n: (m.weight.grad.t() if n in transposed else m.weight.grad).detach().clone()
+                          for n, m in modules.items()
+                          if (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) or n in transposed) and m.weight.grad is not None}
         model.zero_grad()
         return stats
     names = {s.module for g in graph.prunable() for s in _act_slots(g)}
