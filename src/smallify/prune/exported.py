@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from smallify.errors import ModelError
-from smallify.prune.graph import (Builder, Segment, Slot, SplitParts, flatten_layout, module_handler,
+from smallify.prune.graph import (Builder, group_segments, Segment, Slot, SplitParts, flatten_layout, module_handler,
                                   register_handler, same_segments)
 from smallify.prune.handlers import linear_handler, pass_handler
 
@@ -362,12 +362,4 @@ def _split_sizes(b: Builder, n: fx.Node, fn):
     if refined is None:
         return b.unknown(n, f"split ({n.name}) into parts of fixed sizes on the channel axis (the sizes are "
                             f"constants of {owner or 'forward'})")
-    parts, i = [], 0
-    for size in sizes:
-        segs, filled = [], 0
-        while filled < size:
-            segs.append(refined[i])
-            filled += refined[i].size
-            i += 1
-        parts.append(segs)
-    return SplitParts(parts)
+    return SplitParts(group_segments(refined, sizes))

@@ -360,6 +360,20 @@ def segment_cuts(lay) -> list[int]:
     return out
 
 
+def group_segments(refined, sizes) -> list[list]:
+    """Consecutive segments of ``refined`` gathered into parts of the given channel ``sizes`` (the cuts of a
+    split or chunk; ``refined`` is a layout already cut at those boundaries)."""
+    parts, i = [], 0
+    for size in sizes:
+        segs, filled = [], 0
+        while filled < size:
+            segs.append(refined[i])
+            filled += refined[i].size
+            i += 1
+        parts.append(segs)
+    return parts
+
+
 def same_segments(lays) -> bool:
     """Whether the layouts have segments of the same sizes and factors, in the same order."""
     return all(len(lay) == len(lays[0]) and all(a.size == b.size and a.factor == b.factor for a, b in zip(lay, lays[0]))

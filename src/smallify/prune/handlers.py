@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from smallify.prune.graph import (MERGE_FUNCTIONS, MERGE_METHODS, PASS_FUNCTIONS, PASS_METHODS, PASS_MODULES, Builder,
-                                  Handler, segment_cuts, flatten_layout, SplitParts, same_segments, register_handler)
+                                  Handler, segment_cuts, flatten_layout, SplitParts, same_segments, register_handler, group_segments)
 
 
 @register_handler(nn.Conv1d, nn.Conv2d)
@@ -150,14 +150,7 @@ def _split(b: Builder, n: fx.Node, fn):
     refined = b.spaces.refine(lay, [part * i for i in range(1, count)])
     if refined is None:
         return b.unknown(n, f"operation {name} ({n.name}): its cuts split merged channel groups")
-    parts, i = [], 0
-    for _ in range(count):
-        segs, filled = [], 0
-        while filled < part:
-            segs.append(refined[i])
-            filled += refined[i].size
-            i += 1
-        parts.append(segs)
+    parts = group_segments(refined, [part] * count)
     if not same_segments(parts):
         return b.unknown(n, f"operation {name} ({n.name}): its parts have different channel layouts")
     for segs in zip(*parts):
