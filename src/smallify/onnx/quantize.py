@@ -62,6 +62,8 @@ def needed_opset(config) -> int:
 def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode], set[str], list[LayerReport]]:
     """The graph as the placement rule sees it, and a report line per weight layer."""
     consts = constants(model)
+    g = model.graph
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
     gnodes, reports = [], []
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -90,8 +92,8 @@ def graph_view(model: onnx.ModelProto, config: Int8Static) -> tuple[list[GNode],
         elif node.op_type in _FLOAT_LAYERS:
             reports.append(LayerReport(layer_name(node), node.op_type, "float",
                                        f"{node.op_type} has no INT8 implementation (handled: Conv, Gemm, MatMul)"))
-        if kind in ("add", "mul") and len(acts) != 2:
-            kind = "other"
+        if kind in ("add", "mul") and (len(acts) != 2 or any(elem.get(t) != TensorProto.FLOAT for t in acts)):
+            kind = "other"      # an integer Add/Mul has two float activations (not shape arithmetic on int64)
         gnodes.append(GNode(layer_name(node, consts), kind, acts, list(node.output), quantize_it))
     return gnodes, {o.name for o in model.graph.output}, reports
 

@@ -46,6 +46,10 @@ def smooth_onnx(model: onnx.ModelProto, data, config, alpha: float, progress: bo
     obs, _ = calibrate(model, list(groups), data, config, progress,
                        make_observer=lambda t: observers.MinMaxObserver(axis=-1, name=t), what="smoothing")
     inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
     new_nodes: dict[str, onnx.NodeProto] = {}
     for t, nodes in groups.items():
         lo, hi = obs[t].range()
@@ -54,8 +58,18 @@ def smooth_onnx(model: onnx.ModelProto, data, config, alpha: float, progress: bo
             continue
         s = smooth_factors(torch.maximum(lo.abs(), hi.abs()), weights, alpha)
         for n, w in zip(nodes, weights):
-            name = f"{n.input[1]}:smoothed"
-            model.graph.initializer.append(numpy_helper.from_array((w * s[:, None]).numpy(), name))
+            smoothed = numpy_helper.from_array((w * s[:, None]).numpy(), n.input[1])
+            if readers[n.input[1]] == 1:          # its only reader: the weight keeps its name (and layer name)
+                inits[n.input[1]].CopyFrom(smoothed)
+                continue
+            # a weight shared with other layers: this layer's smoothed copy gets a name of its own
+            name, k = f"{n.input[1]}:smoothed", 1
+            while name in inits:
+                k += 1
+                name = f"{n.input[1]}:smoothed{k}"
+            smoothed.name = name
+            model.graph.initializer.append(smoothed)
+            inits[name] = smoothed
             n.input[1] = name
         inv = f"{t}:smooth_scale"
         model.graph.initializer.append(numpy_helper.from_array((1.0 / s).numpy().astype(np.float32), inv))
