@@ -34,3 +34,29 @@ def test_pruned_quantized_model_round_trip(tmp_path, calib):
         back = sm.load(tmp_path / "m.smallify", small_resnet())
         with torch.no_grad():
             assert torch.equal(back(calib), model(calib)), config
+
+
+def test_file_written_before_reduce_range_loads_its_8_bit_grid(tmp_path, calib):
+    """A manifest without reduce_range (files from before it existed) holds 8-bit grids: it must not be read as
+    'auto' and re-gridded to 7 bits on a machine without VNNI (outputs then differed by up to 0.41)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    q = sm.quantize(small_resnet(), sm.Int8Static(reduce_range=False), calib, progress=False)
+    y = q(calib)
+    sm.save(q, tmp_path / "q.smallify")
+    with safe_open(str(tmp_path / "q.smallify"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(meta["smallify"])
+    del manifest["config"]["reduce_range"]
+    save_file(tensors, str(tmp_path / "old.smallify"), metadata={**meta, "smallify": json.dumps(manifest)})
+    loaded = sm.load(tmp_path / "old.smallify", small_resnet())
+    assert torch.equal(loaded(calib), y)
+    assert {m.spec.fmt.bits for m in loaded.modules() if getattr(getattr(m, "spec", None), "fmt", None)} == {8}
+
+
+def test_fp8_has_no_reduced_range():
+    assert sm.FP8Static().reduce_range is False and "7-bit" not in str(
+        sm.quantize(nn.Sequential(nn.Linear(4, 4)), sm.FP8Static(), torch.randn(8, 4), progress=False).report)

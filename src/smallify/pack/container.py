@@ -187,6 +187,8 @@ def _config_from(d: dict | None):
     kinds = sorted(c.kind for c in configs_of("quantize"))
     if d.get("kind") not in kinds:
         raise ModelError(f"unknown config kind {d.get('kind')!r} in the manifest; accepted: {kinds}")
+    if d.get("kind") in ("int8_static", "mixed_precision", "int8_dynamic") and "reduce_range" not in d:
+        d = {**d, "reduce_range": False}   # files written before reduce_range existed hold 8-bit grids
     try:
         return config_from_dict(d, "quantize")
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:   # ConfigError included

@@ -209,6 +209,7 @@ class FP8Static(Int8Static):
             raise ConfigError("FP8Static takes no weight_bits or group_size; FP8 is 8 bits with one scale per "
                               "output channel (per_channel=True) or per tensor")
         super().__post_init__()
+        self.reduce_range = False      # an integer-kernel matter: FP8 weights keep their grid
 
 
 @dataclasses.dataclass

@@ -52,7 +52,8 @@ class QuantReport:
                  f"{self.activations} activation tensor(s) quantized; "
                  + (f"calibrated on {self.calibration_samples} sample(s) in {self.calibration_seconds:.1f} s"
                     if self.calibration_samples else "no calibration (data-free)")]
-        if self.config.get("reduce_range") is True:
+        if self.config.get("reduce_range") is True and 8 in (self.config.get("weight_bits", 8),
+                                                             *self.config.get("layer_bits", {}).values()):
             lines.append("  8-bit weights on a 7-bit grid (reduce_range: integer kernels without VNNI/AMX "
                          "saturate on full-range int8)")
         lines += [f"  float: {name} ({reason})" for name, reason in self.floating.items()]
