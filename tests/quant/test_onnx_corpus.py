@@ -259,3 +259,33 @@ def test_smoothquant_gives_a_shared_weight_one_copy_per_activation(tmp_path):
                 out=str(tmp_path / "q.onnx"), progress=False)
     ref, got = oc.run_onnx(path, {"x": x[:16]}), oc.run_onnx(tmp_path / "q.onnx", {"x": x[:16]})
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
+@pytest.mark.parametrize("method", ["int8", "dynamic"])
+def test_tied_embedding_table_read_twice_and_by_the_lm_head(tmp_path, method):
+    """One 2-D table read by two Gathers and by a Gemm (a tied LM head): one int8 copy for the lookups, the head
+    quantized as a layer, no duplicate names (was a checker error)."""
+    import smallify as sm
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    table = rng.standard_normal((1024, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb.weight", "ids"], ["e1"], axis=0),
+             helper.make_node("Gather", ["emb.weight", "ids2"], ["e2"], axis=0),
+             helper.make_node("Add", ["e1", "e2"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "ln.weight", "ln.bias"], ["hn"], axis=-1),
+             helper.make_node("Gemm", ["hn", "emb.weight"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array(table, "emb.weight"), numpy_helper.from_array(np.ones(64, np.float32), "ln.weight"),
+             numpy_helper.from_array(np.zeros(64, np.float32), "ln.bias")]
+    path = _save(tmp_path, "tied", nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]),
+                                           helper.make_tensor_value_info("ids2", TensorProto.INT64, ["N"])],
+                 [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1024])], inits)
+    feeds = {"ids": rng.integers(0, 1024, 64), "ids2": rng.integers(0, 1024, 64)}
+    res = sm.quantize(str(path), oc.method_config(method), data=feeds if method == "int8" else None,
+                      out=str(tmp_path / "q.onnx"), progress=False)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    names = [i.name for i in q.graph.initializer]
+    assert len(names) == len(set(names)) and "emb.weight" in res.report.quantized
+    assert sum(n.op_type == "Gather" and n.input[0].endswith(":q") for n in q.graph.node) == 2
+    ref, got = oc.run_onnx(path, feeds), oc.run_onnx(tmp_path / "q.onnx", feeds)
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25

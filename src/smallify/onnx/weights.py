@@ -199,6 +199,7 @@ def quantize_embeddings(model: onnx.ModelProto, min_elements: int = 1 << 16) -> 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     done, nodes = [], []
+    made: dict[str, str] = {}      # a table read by several Gathers (tied, shared): one int8 copy
     for n in g.node:
         table = inits.get(n.input[0]) if n.op_type == "Gather" else None
         axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
@@ -206,17 +207,19 @@ def quantize_embeddings(model: onnx.ModelProto, min_elements: int = 1 << 16) -> 
                 or table.dims[0] * table.dims[1] < min_elements:
             nodes.append(n)
             continue
-        w = torch.from_numpy(numpy_helper.to_array(table).astype(np.float32))
-        scale, zero = weight_qparams(w, INT8_WEIGHT, per_channel=True, axis=0)
-        q = quantize(w, scale, zero, INT8_WEIGHT, 0).to(torch.int8)
-        name, out = table.name, n.output[0]
-        g.initializer.append(numpy_helper.from_array(q.numpy(), f"{name}:q"))
-        g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32)[:, None], f"{name}:s"))
-        nodes += [helper.make_node("Gather", [f"{name}:q", n.input[1]], [f"{out}:q"], axis=0),
+        if table.name not in made:
+            w = torch.from_numpy(numpy_helper.to_array(table).astype(np.float32))
+            scale, zero = weight_qparams(w, INT8_WEIGHT, per_channel=True, axis=0)
+            q = quantize(w, scale, zero, INT8_WEIGHT, 0).to(torch.int8)
+            made[table.name] = p = unique_prefix(model, table.name)    # a tied LM head may hold table:q already
+            g.initializer.append(numpy_helper.from_array(q.numpy(), f"{p}:q"))
+            g.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float32)[:, None], f"{p}:s"))
+            done.append(table.name)
+        p, out = made[table.name], n.output[0]
+        nodes += [helper.make_node("Gather", [f"{p}:q", n.input[1]], [f"{out}:q"], axis=0),
                   helper.make_node("Cast", [f"{out}:q"], [f"{out}:int"], to=TensorProto.FLOAT),
-                  helper.make_node("Gather", [f"{name}:s", n.input[1]], [f"{out}:s"], axis=0),
+                  helper.make_node("Gather", [f"{p}:s", n.input[1]], [f"{out}:s"], axis=0),
                   helper.make_node("Mul", [f"{out}:int", f"{out}:s"], [out])]
-        done.append(name)
     del g.node[:]
     g.node.extend(nodes)
     drop_unused_initializers(model)
