@@ -170,6 +170,10 @@ def test_large_model_path_through_external_data(corpus, tmp_path, monkeypatch, m
     ref, got = oc.run_onnx(model.path, feeds), oc.run_onnx(out, feeds)
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > BOUNDS[method][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.q.onnx", "big.q.onnx.data"]
+    size = (tmp_path / "big.q.onnx.data").stat().st_size
+    sm.quantize(str(model.path), oc.method_config(method), data=model.calib, out=str(out), progress=False)
+    assert (tmp_path / "big.q.onnx.data").stat().st_size == size       # a re-run replaces the data, never appends
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.q.onnx", "big.q.onnx.data"]
 
 
 def test_report_lists_operators_without_integer_kernels(corpus):

@@ -46,13 +46,23 @@ LARGE_MODEL_BYTES = 1 << 30   # above this, models travel through files with ext
 
 def save_onnx(model: onnx.ModelProto, path) -> None:
     """Write ``model`` atomically; a model over 1 GB keeps its weights in an external-data file beside it
-    (``<name>.data``), since one protobuf cannot exceed 2 GB."""
+    (``<name>.data``), since one protobuf cannot exceed 2 GB. Both files are written in a temporary folder
+    beside ``path`` and renamed into place (the data file first), so a re-run replaces, never appends."""
     if model.ByteSize() <= LARGE_MODEL_BYTES:
         save(model, path)
         return
-    location = os.path.basename(path) + ".data"
-    write_atomic(path, lambda tmp: onnx.save(copy_model(model), tmp, save_as_external_data=True,
-                                                     all_tensors_to_one_file=True, location=location))
+    import shutil
+
+    path = check_writable(path)
+    name = path.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
+    try:
+        onnx.save(copy_model(model), str(tmp / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=name + ".data")
+        os.replace(tmp / (name + ".data"), path.parent / (name + ".data"))
+        os.replace(tmp / name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_model(model: onnx.ModelProto) -> None:
