@@ -293,3 +293,23 @@ def test_tied_embedding_table_read_twice_and_by_the_lm_head(tmp_path, method):
     assert sum(n.op_type == "Gather" and n.input[0].endswith(":q") for n in q.graph.node) == 2
     ref, got = oc.run_onnx(path, feeds), oc.run_onnx(tmp_path / "q.onnx", feeds)
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
+def test_cli_check_speed_on_fixed_batch_and_old_opset_models(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from smallify.cli import app
+
+    get, _ = corpus
+    for name in ("fixed_batch1", "zoo_opset6"):
+        model = get(name)
+        key = next(iter(model.calib))
+        np.savez(tmp_path / "c.npz", **{key: model.calib[key]})
+        out = tmp_path / f"{name}.q.onnx"
+        r = CliRunner().invoke(app, ["quantize", str(model.path), "--calib", str(tmp_path / "c.npz"), "--out",
+                                     str(out), "--check-speed"])
+        assert r.exit_code == 0 and out.exists(), r.output
+        if name == "fixed_batch1":      # batch 1 only: the model's batch dimension is fixed
+            assert "  batch 1: " in r.output and "batch 32" not in r.output
+        else:                            # ONNX Runtime cannot run the opset-6 float model: one warning line
+            assert "smallify: warning: no speed check:" in r.output and "Traceback" not in r.output

@@ -263,14 +263,14 @@ def _rand(seed: int, *shape) -> np.ndarray:
 
 
 def _torch_model(name, cls, inputs: dict[str, tuple], opset=None, dynamo=False, dynamic=None, kind="cnn",
-                 notes="", seed=0, init=None, n=32):
+                 notes="", seed=0, init=None, n=32, example_batch=2):
     def build(folder: Path) -> CorpusModel:
         torch.manual_seed(seed)
         model = cls().eval()
         if init is not None:
             init(model)
         calib = {k: _rand(seed + i, n, *shape) for i, (k, shape) in enumerate(inputs.items())}
-        args = tuple(torch.from_numpy(v[:2]) for v in calib.values())
+        args = tuple(torch.from_numpy(v[:example_batch]) for v in calib.values())
         path = folder / f"{name}.onnx"
         _export(model, args, path, list(inputs), opset, dynamo, dynamic)
         return CorpusModel(name, path, calib, kind, notes)
@@ -326,7 +326,8 @@ def _external_data(folder: Path) -> CorpusModel:
 
 
 def _fixed_batch(folder: Path) -> CorpusModel:
-    m = _torch_model("fixed_batch1", SmallCNN, {"input": (3, 16, 16)}, 17, init=_cnn(4), dynamic={})(folder)
+    m = _torch_model("fixed_batch1", SmallCNN, {"input": (3, 16, 16)}, 17, init=_cnn(4), dynamic={},
+                     example_batch=1)(folder)
     m.notes = "input shape (1, 3, 16, 16): calibrated sample by sample"
     return m
 
