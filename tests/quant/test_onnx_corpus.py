@@ -313,3 +313,25 @@ def test_cli_check_speed_on_fixed_batch_and_old_opset_models(corpus, tmp_path):
             assert "  batch 1: " in r.output and "batch 32" not in r.output
         else:                            # ONNX Runtime cannot run the opset-6 float model: one warning line
             assert "smallify: warning: no speed check:" in r.output and "Traceback" not in r.output
+
+
+def test_dynamic_ignores_nan_in_layers_it_does_not_convert(corpus, tmp_path):
+    """NaN in a convolution that dynamic INT8 leaves in float is the model's business; NaN in a Gemm it converts
+    is refused."""
+    import smallify as sm
+    from onnx import numpy_helper
+
+    get, _ = corpus
+    model = onnx.load(str(get("cnn_opset17").path))
+    conv_w = next(i for i in model.graph.initializer if len(i.dims) == 4)
+    bad = numpy_helper.to_array(conv_w).copy()
+    bad.flat[0] = np.nan
+    conv_w.CopyFrom(numpy_helper.from_array(bad, conv_w.name))
+    res = sm.quantize(model, sm.Int8Dynamic(), progress=False)
+    assert res.report.quantized == ["fc"]
+    fc_w = next(i for i in model.graph.initializer if i.name == "fc.weight")
+    worse = numpy_helper.to_array(fc_w).copy()
+    worse.flat[0] = np.inf
+    fc_w.CopyFrom(numpy_helper.from_array(worse, "fc.weight"))
+    with pytest.raises(sm.ModelError, match="'fc.weight' of layer 'fc' holds NaN or Inf"):
+        sm.quantize(model, sm.Int8Dynamic(), progress=False)

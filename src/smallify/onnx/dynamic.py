@@ -97,7 +97,8 @@ def dynamic_onnx(model_or_path, config: Int8Dynamic, out: str | os.PathLike | No
     start = time.perf_counter()
     model = onnx_io.load(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else copy.deepcopy(model_or_path)
     model = preprocess(model)
-    check_finite_weights(model, lambda n, w: config.skip_pattern(n, w) is None)
+    dynamic_ops = {node.input[w] for node, w, _, _ in weight_layers(model) if node.op_type in ("MatMul", "Gemm")}
+    check_finite_weights(model, lambda n, w: w in dynamic_ops and config.skip_pattern(n, w) is None)
     names = [(name, node.op_type, node.input[w]) for node, w, name, _ in weight_layers(model)]
     spec = qmod.WeightSpec(config.weight_format, config.per_channel)
     done = set(quantize_dynamic_matmuls(model, lambda name, wname: None if config.skip_pattern(name, wname) else spec))

@@ -37,6 +37,7 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     version converter (never by rewriting the number), with the IR version that opset needs."""
     current = opset_of(model)
     if current >= version:
+        model.ir_version = max(model.ir_version, _min_ir(current))
         return model
     try:
         converted = onnx.version_converter.convert_version(model, version)
@@ -44,9 +45,16 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot convert the model from opset {current} to opset {version}, which the quantized "
                          f"graph needs ({first[:200]}); re-export it at opset {version} or newer") from None
-    converted.ir_version = max(converted.ir_version, helper.find_min_ir_version_for(
-        [helper.make_opsetid("", version)], True) if hasattr(helper, "find_min_ir_version_for") else 7)
+    converted.ir_version = max(converted.ir_version, _min_ir(version))
     return converted
+
+
+def _min_ir(opset: int) -> int:
+    """The lowest IR version that carries default-domain ``opset`` (int4 needs 10 at opset 21, FP8 9 at 19)."""
+    try:
+        return helper.find_min_ir_version_for([helper.make_opsetid("", opset)], True)
+    except Exception:  # noqa: BLE001 - an opset newer than this onnx knows: leave the model's own IR version
+        return 3
 
 
 def normalize(model: onnx.ModelProto, opset: int = 13) -> onnx.ModelProto:
