@@ -88,6 +88,8 @@ def quantize(
     smooth_quant: str = typer.Option("auto", "--smooth-quant",
                                      help="auto (0.8 for transformers) | off | alpha in [0, 1]"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="calibrate on at most this many samples"),
+    reduce_range: str = typer.Option("auto", "--reduce-range", help="int8/dynamic weights on a 7-bit grid: auto "
+                                     "(where this CPU has no VNNI/AMX and integer kernels saturate) | on | off"),
     check_speed: bool = typer.Option(False, "--check-speed/--no-check-speed", help="time the result against the "
                                      "float model in ONNX Runtime (each in its own process, batch 1 and 32) and say "
                                      "whether it is faster on this CPU"),
@@ -108,6 +110,11 @@ def quantize(
         static = dict(calibration=calibration, percentile=percentile, per_channel=not per_tensor,
                       activation_dtype=activation_dtype, skip=tuple(skip), max_calibration_samples=max_samples,
                       scheme=scheme, smooth_quant=_smooth(smooth_quant))
+        ranges = {"auto": "auto", "on": True, "off": False}
+        if reduce_range not in ranges:
+            raise ConfigError(f"--reduce-range {reduce_range!r} is not supported; accepted: auto, on, off")
+        if method in ("int8", "mixed"):
+            static["reduce_range"] = ranges[reduce_range]
         if method in ("int8", "mixed", "fp8") and group == "auto":
             raise ConfigError("--group-size auto applies to --method weight-only; give an integer or none")
         if method == "int8":
@@ -125,7 +132,7 @@ def quantize(
                 raise ConfigError(f"--bits {bits} does not apply to dynamic (int8 weights); accepted: omit --bits")
             from smallify.quant.dynamic import Int8Dynamic
 
-            config = Int8Dynamic(per_channel=not per_tensor, skip=tuple(skip))
+            config = Int8Dynamic(per_channel=not per_tensor, skip=tuple(skip), reduce_range=ranges[reduce_range])
         elif method == "weight-only":
             config = qc.WeightOnly(bits=4 if bits is None else bits, group_size=group, skip=tuple(skip))
         else:

@@ -335,3 +335,24 @@ def test_dynamic_ignores_nan_in_layers_it_does_not_convert(corpus, tmp_path):
     fc_w.CopyFrom(numpy_helper.from_array(worse, "fc.weight"))
     with pytest.raises(sm.ModelError, match="'fc.weight' of layer 'fc' holds NaN or Inf"):
         sm.quantize(model, sm.Int8Dynamic(), progress=False)
+
+
+def test_cli_reduce_range_option(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from smallify.cli import app
+
+    get, _ = corpus
+    model = get("cnn_opset17")
+    np.savez(tmp_path / "c.npz", input=model.calib["input"])
+    for value, top in (("on", 63), ("off", 127)):
+        out = tmp_path / f"q_{value}.onnx"
+        r = CliRunner().invoke(app, ["quantize", str(model.path), "--calib", str(tmp_path / "c.npz"), "--out", str(out),
+                                     "--reduce-range", value])
+        assert r.exit_code == 0, r.output
+        q = onnx.load(str(out))
+        w = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith(":q") and len(i.dims) == 4]
+        assert max(int(np.abs(v).max()) for v in w) == top
+    r = CliRunner().invoke(app, ["quantize", str(model.path), "--calib", str(tmp_path / "c.npz"), "--out",
+                                 str(tmp_path / "x.onnx"), "--reduce-range", "maybe"])
+    assert r.exit_code == 2 and "accepted: auto, on, off" in r.output and not (tmp_path / "x.onnx").exists()
