@@ -47,9 +47,9 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
     (without one: output SQNR in dB against the float model on the calibration data, relative to all-INT8)."""
     import tempfile
 
-    import onnx
 
     from smallify.onnx import io as onnx_io
+    from smallify.onnx.io import save_onnx
     from smallify.onnx.graph import weight_layers
     from smallify.onnx.prepare import normalize, preprocess
     from smallify.onnx.quantize import quantize_onnx
@@ -62,7 +62,7 @@ def mixed_onnx(model_or_path, config: MixedPrecision, data, eval_fn, out=None, p
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "float.onnx")
-        onnx.save(model, src)
+        save_onnx(model, src)          # external data for models over 1 GB
         sqnr = eval_fn is None
         if sqnr:     # without eval_fn: output SQNR (dB) on the calibration data; all-INT8 is the reference
             eval_fn = sqnr_metric(src, model, data)

@@ -116,9 +116,10 @@ def _dequantize_weight(model: onnx.ModelProto, node: onnx.NodeProto, w_idx: int,
 
 
 def _int32_bias(model: onnx.ModelProto, node: onnx.NodeProto, x_scale: float, w_scale: torch.Tensor,
-                consts: dict) -> list[onnx.NodeProto]:
+                consts: dict, made: dict | None = None) -> list[onnx.NodeProto]:
     """Store the bias of a Conv/Gemm with INT8 input and weights as int32 at scale s_x * s_w (what QLinearConv
-    and QGemm take)."""
+    and QGemm take). ``made``: (bias, scales) -> DequantizeLinear output already written, so that layers sharing
+    a bias at the same scales read one copy."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
         return []
     bname = node.input[2]
@@ -127,8 +128,14 @@ def _int32_bias(model: onnx.ModelProto, node: onnx.NodeProto, x_scale: float, w_
     b_scale = x_scale * w_scale.double().numpy()
     if b.ndim != 1 or (per_channel and b.shape[0] != w_scale.numel()):
         return []
+    key = (bname, np.asarray(b_scale, np.float32).tobytes())
+    if made is not None and key in made:
+        node.input[2] = made[key]
+        return []
     qb = np.clip(np.round(b / b_scale), -2**31, 2**31 - 1).astype(np.int32)
     p = unique_prefix(model, bname)      # a bias shared by layers whose input scales differ: one copy each
+    if made is not None:
+        made[key] = f"{p}:dq"
     model.graph.initializer.append(numpy_helper.from_array(qb, f"{p}:q"))
     model.graph.initializer.append(numpy_helper.from_array(np.asarray(b_scale, np.float32), f"{p}:s"))
     node.input[2] = f"{p}:dq"
@@ -157,6 +164,7 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     done = []
     made: dict[tuple, tuple[str, torch.Tensor]] = {}   # a weight read by several layers: one quantized copy
+    made_bias: dict[tuple, str] = {}
     for idx, node in enumerate(g.node):
         w_idx = weight_input(node, consts)
         if w_idx is None or node.input[w_idx] not in inits:
@@ -179,7 +187,7 @@ def quantize_weights(model: onnx.ModelProto, spec_for: SpecFn, stored: dict | No
             made[key] = (node.input[w_idx], w_scale)
         if static_input and isinstance(spec.fmt, IntFormat) and spec.fmt.bits > 4 and not spec.group_size \
                 and consts[dq.input[1]].ndim == 0:
-            nodes += _int32_bias(model, node, float(consts[dq.input[1]]), w_scale, consts)
+            nodes += _int32_bias(model, node, float(consts[dq.input[1]]), w_scale, consts, made_bias)
         new_nodes[idx] = nodes
         done.append(name)
     nodes = []
