@@ -28,8 +28,9 @@ Measured (November 2026, the 2-core machine shared with other jobs; findings fix
   npz,       atheris          ~210,000 execs   ~110 s   2 crashes before the fixes: a member named '' ->
                                                          IndexError in zipfile; a header numpy cannot tokenize
                                                          -> TokenError; then 200,000 execs, 0 crashes
-  the container loader: 995,000 executions in the runs above, 1,020,000 with two short trial runs (25,000);
-  no single run has reached 1 M.
+  container, mutate, seed 0 1,000,000 execs     648 s   0 findings (68,167 loaded and run, 931,833 typed
+                                                         errors)                             peak RSS 279 MiB
+  (`--target container --execs 1000000`, 23 November 2026, AMD EPYC with AVX2 only, the machine otherwise idle)
 """
 from __future__ import annotations
 
