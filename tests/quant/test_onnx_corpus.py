@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
+from smallify.examples import onnx_check as ocheck
 from smallify.examples import onnx_corpus as oc
 
 # Bounds per method: output SQNR in dB against the float model on 16 random inputs, and cosine. The corpus
@@ -33,7 +34,7 @@ def corpus(tmp_path_factory):
 
 def _cases():
     for name in oc.BUILDERS:
-        for method in oc.METHODS:
+        for method in ocheck.METHODS:
             marks = [pytest.mark.slow] if name in SLOW_MODELS or method == "mixed" else []
             yield pytest.param(name, method, marks=marks, id=f"{name}-{method}")
 
@@ -43,7 +44,7 @@ def test_corpus_model_method(corpus, name, method):
     get, folder = corpus
     model = get(name)
     before = model.path.read_bytes()
-    outcome = oc.check(model, method, folder)
+    outcome = ocheck.check(model, method, folder)
     assert model.path.read_bytes() == before                       # the user's model is never touched
     assert outcome.status != "crash", outcome.message
     if (name, method) in EXPECTED_REFUSALS:
@@ -65,7 +66,7 @@ def test_corpus_model_method(corpus, name, method):
 def test_shared_initializer_gets_one_quantized_copy(corpus):
     get, folder = corpus
     model = get("shared_linear")
-    oc.check(model, "int8", folder)
+    ocheck.check(model, "int8", folder)
     q = onnx.load(str(folder / "shared_linear.int8.onnx"))
     names = [i.name for i in q.graph.initializer]
     assert len(names) == len(set(names))
@@ -78,7 +79,7 @@ def test_shared_initializer_gets_one_quantized_copy(corpus):
 def test_old_opset_is_converted_not_renumbered(corpus):
     get, folder = corpus
     model = get("zoo_opset6")          # BatchNormalization(6): ONNX Runtime has no kernel for it
-    oc.check(model, "int8", folder)
+    ocheck.check(model, "int8", folder)
     q = onnx.load(str(folder / "zoo_opset6.int8.onnx"))
     assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert q.ir_version >= 7
@@ -106,7 +107,7 @@ def test_cli_method_dynamic_and_refusal(corpus, tmp_path):
     out = tmp_path / "mlp.dyn.onnx"
     r = runner.invoke(app, ["quantize", str(mlp.path), "--out", str(out), "--method", "dynamic"])
     assert r.exit_code == 0, r.output
-    assert oc.kernels(out).get("DynamicQuantizeMatMul", 0) + oc.kernels(out).get("MatMulIntegerToFloat", 0) == 2
+    assert ocheck.kernels(out).get("DynamicQuantizeMatMul", 0) + ocheck.kernels(out).get("MatMulIntegerToFloat", 0) == 2
     unet = get("unet")
     out = tmp_path / "unet.dyn.onnx"
     r = runner.invoke(app, ["quantize", str(unet.path), "--out", str(out), "--method", "dynamic"])
@@ -146,8 +147,8 @@ def test_5_to_7_bit_weights_are_stored_in_int8(corpus, bits):
     for t in w:
         values = onnx.numpy_helper.to_array(t)
         assert t.data_type == onnx.TensorProto.INT8 and np.abs(values).max() == 2 ** (bits - 1) - 1
-    ref = oc.run_onnx(model.path, {"input": model.calib["input"][:16]})
-    got = oc.run_onnx(out, {"input": model.calib["input"][:16]})
+    ref = ocheck.run_onnx(model.path, {"input": model.calib["input"][:16]})
+    got = ocheck.run_onnx(out, {"input": model.calib["input"][:16]})
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 15     # was 0.5-2 dB packed as int4
 
 
@@ -162,16 +163,16 @@ def test_large_model_path_through_external_data(corpus, tmp_path, monkeypatch, m
     model = get("external_data")
     monkeypatch.setattr(qonnx, "LARGE_MODEL_BYTES", 1)
     out = tmp_path / "big.q.onnx"
-    sm.quantize(str(model.path), oc.method_config(method), data=model.calib, out=str(out), progress=False)
+    sm.quantize(str(model.path), ocheck.method_config(method), data=model.calib, out=str(out), progress=False)
     assert (tmp_path / "big.q.onnx.data").stat().st_size > 0                       # weights beside the graph
     stored = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
     feeds = {"input": model.calib["input"][:16]}
-    ref, got = oc.run_onnx(model.path, feeds), oc.run_onnx(out, feeds)
+    ref, got = ocheck.run_onnx(model.path, feeds), ocheck.run_onnx(out, feeds)
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > BOUNDS[method][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.q.onnx", "big.q.onnx.data"]
     size = (tmp_path / "big.q.onnx.data").stat().st_size
-    sm.quantize(str(model.path), oc.method_config(method), data=model.calib, out=str(out), progress=False)
+    sm.quantize(str(model.path), ocheck.method_config(method), data=model.calib, out=str(out), progress=False)
     assert (tmp_path / "big.q.onnx.data").stat().st_size == size       # a re-run replaces the data, never appends
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.q.onnx", "big.q.onnx.data"]
 
@@ -239,7 +240,7 @@ def test_integer_shape_arithmetic_is_not_quantized(tmp_path):
                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, "H", "W"])], inits)
     x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
     sm.quantize(str(path), sm.Int8Static(), data={"x": x}, out=str(tmp_path / "q.onnx"), progress=False)
-    ref, got = oc.run_onnx(path, {"x": x}), oc.run_onnx(tmp_path / "q.onnx", {"x": x})
+    ref, got = ocheck.run_onnx(path, {"x": x}), ocheck.run_onnx(tmp_path / "q.onnx", {"x": x})
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
 
 
@@ -261,7 +262,7 @@ def test_smoothquant_gives_a_shared_weight_one_copy_per_activation(tmp_path):
     x = rng.standard_normal((32, 4, 16)).astype(np.float32)
     sm.quantize(str(path), sm.Int8Static(scheme="transformer", smooth_quant=0.8), data={"x": x},
                 out=str(tmp_path / "q.onnx"), progress=False)
-    ref, got = oc.run_onnx(path, {"x": x[:16]}), oc.run_onnx(tmp_path / "q.onnx", {"x": x[:16]})
+    ref, got = ocheck.run_onnx(path, {"x": x[:16]}), ocheck.run_onnx(tmp_path / "q.onnx", {"x": x[:16]})
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
 
 
@@ -285,13 +286,13 @@ def test_tied_embedding_table_read_twice_and_by_the_lm_head(tmp_path, method):
                                            helper.make_tensor_value_info("ids2", TensorProto.INT64, ["N"])],
                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1024])], inits)
     feeds = {"ids": rng.integers(0, 1024, 64), "ids2": rng.integers(0, 1024, 64)}
-    res = sm.quantize(str(path), oc.method_config(method), data=feeds if method == "int8" else None,
+    res = sm.quantize(str(path), ocheck.method_config(method), data=feeds if method == "int8" else None,
                       out=str(tmp_path / "q.onnx"), progress=False)
     q = onnx.load(str(tmp_path / "q.onnx"))
     names = [i.name for i in q.graph.initializer]
     assert len(names) == len(set(names)) and "emb.weight" in res.report.quantized
     assert sum(n.op_type == "Gather" and n.input[0].endswith(":q") for n in q.graph.node) == 2
-    ref, got = oc.run_onnx(path, feeds), oc.run_onnx(tmp_path / "q.onnx", feeds)
+    ref, got = ocheck.run_onnx(path, feeds), ocheck.run_onnx(tmp_path / "q.onnx", feeds)
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
 
 
