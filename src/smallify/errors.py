@@ -19,3 +19,10 @@ class ModelError(SmallifyError, ValueError):
 
 class OutputError(SmallifyError, OSError):
     """An output path cannot be written."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut at ``limit``: what a
+    one-line error quotes from a library's message."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -27,7 +27,7 @@ from torch import nn
 
 from smallify import files
 from smallify.config import Config, check_choice, check_config
-from smallify.errors import ConfigError, DataError, ModelError, SmallifyError
+from smallify.errors import ConfigError, DataError, ModelError, SmallifyError, first_line
 from smallify.progress import track
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -159,7 +159,7 @@ def _resume(path: Path, model: nn.Module, opt, sched) -> tuple[int, list]:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as e:   # torch raises RuntimeError, UnpicklingError, EOFError, ... for foreign or cut files
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        why = first_line(e, 160)
         raise ModelError(f"checkpoint {path} cannot be read ({why}); give the file train() wrote, or delete it "
                          "to start over") from None
     if not isinstance(state, dict) or not keys <= set(state) or not isinstance(state["step"], int) \
@@ -171,7 +171,7 @@ def _resume(path: Path, model: nn.Module, opt, sched) -> tuple[int, list]:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        why = first_line(e, 160)
         raise ModelError(f"checkpoint {path} was written for another model or optimizer ({why}); give another "
                          "checkpoint path, or delete it to start over") from None
     return state["step"], state["history"]

@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper
 
 from smallify import data as data_mod
-from smallify.errors import DataError
+from smallify.errors import DataError, first_line
 from smallify.onnx.graph import input_names
 from smallify.onnx.io import ort_session
 from smallify.progress import track
@@ -75,7 +75,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, config: Int8Stat
         try:
             outs = session.run(tensors, feed)
         except Exception as e:
-            raise DataError(f"ONNX Runtime rejected the calibration batch: {str(e).splitlines()[0][:300]}") from None
+            raise DataError(f"ONNX Runtime rejected the calibration batch: {first_line(e, 300)}") from None
         for t, value in zip(tensors, outs):
             obs[t].observe(torch.from_numpy(np.asarray(value, dtype=np.float32)))
         samples += next(iter(batch.values())).shape[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from smallify.errors import ModelError
+from smallify.errors import ModelError, first_line
 from smallify.files import check_writable, write_atomic  # noqa: F401 - onnx_io.check_writable for callers
 
 
@@ -24,7 +24,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))      # by path: models over 2 GB (external data) check too
         model = onnx.load(str(path))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{path} is not a valid ONNX model ({first[:200]})") from None
     if not model.graph.node:
         raise ModelError(f"{path} holds an ONNX graph with no nodes")

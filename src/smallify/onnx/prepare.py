@@ -8,7 +8,7 @@ import tempfile
 import onnx
 from onnx import helper
 
-from smallify.errors import ModelError
+from smallify.errors import ModelError, first_line
 from smallify.onnx.graph import constants, drop_unused_initializers
 from smallify.onnx.io import LARGE_MODEL_BYTES, copy_model
 
@@ -42,7 +42,7 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, version)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"cannot convert the model from opset {current} to opset {version}, which the quantized "
                          f"graph needs ({first[:200]}); re-export it at opset {version} or newer") from None
     converted.ir_version = max(converted.ir_version, _min_ir(version))
@@ -85,7 +85,7 @@ def preprocess(model: onnx.ModelProto, opset: int = 13) -> onnx.ModelProto:
         try:
             ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+            raise ModelError(f"ONNX Runtime cannot load the model: {first_line(e, 300)}") from None
         out = onnx.load(dst)
     if not large:
         out = onnx.shape_inference.infer_shapes(out)

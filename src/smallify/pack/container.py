@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from smallify import files
-from smallify.errors import ConfigError, ModelError, SmallifyError
+from smallify.errors import ConfigError, ModelError, SmallifyError, first_line
 from smallify.prune.branches import remove_branches, removed_branches
 from smallify.quant import modules as qmod
 from smallify.quant.packing import pack, unpack
@@ -125,12 +125,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:   # safetensors checks the header's offsets, dtypes and shapes against the file
-        raise ModelError(f"{path} is not a .smallify (safetensors) file ({_first_line(e)}); "
+        raise ModelError(f"{path} is not a .smallify (safetensors) file ({first_line(e)}); "
                          "write it with smallify.save") from None
     try:
         manifest = json.loads(meta.get("smallify", "null") or "null")
     except (ValueError, RecursionError) as e:
-        raise ModelError(f"{path} has a manifest that is not valid JSON ({_first_line(e)})") from None
+        raise ModelError(f"{path} has a manifest that is not valid JSON ({first_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelError(f"{path} is a safetensors file without a smallify manifest; save it with smallify.save")
     version = manifest.get("version")
@@ -172,11 +172,6 @@ def _check_manifest(manifest: dict, path: Path) -> None:
                          "of [residual sum name, 0 or 1] pairs")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:200] if text else type(e).__name__)
-
-
 def _config_from(d: dict | None):
     """The manifest's config, its class found by kind in the config registry (``smallify.config``): every
     config of ``quantize``."""
@@ -192,7 +187,7 @@ def _config_from(d: dict | None):
     try:
         return config_from_dict(d, "quantize")
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:   # ConfigError included
-        raise ModelError(f"the manifest's {d['kind']} config is invalid: {_first_line(e)}") from None
+        raise ModelError(f"the manifest's {d['kind']} config is invalid: {first_line(e)}") from None
 
 
 
@@ -214,7 +209,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except SmallifyError:
         raise
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
-        raise ModelError(f"{path} does not fit this model or is corrupt ({_first_line(e)}); build the "
+        raise ModelError(f"{path} does not fit this model or is corrupt ({first_line(e)}); build the "
                          "architecture the file was saved from") from None
 
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from smallify import data as data_mod
-from smallify.errors import DataError, ModelError, SmallifyError
+from smallify.errors import DataError, ModelError, SmallifyError, first_line
 from smallify.quant import modules as qmod
 from smallify.quant import observers
 from smallify.quant.config import Int8Static
@@ -183,7 +183,7 @@ def _calibrate(run, names: list[str], data, config: Int8Static, progress: bool) 
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as e:
                     given = {k: f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in batch.items()}
-                    why = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+                    why = first_line(e)
                     raise DataError(f"the model cannot run calibration batch {i} ({given}): {why}; give batches "
                                     "that the model's forward takes (shape and dtype)") from None
                 samples += next(iter(batch.values())).shape[0]
