@@ -44,3 +44,18 @@ def calib_npz(tmp_path_factory, calib):
     path = tmp_path_factory.mktemp("data") / "calib.npz"
     np.savez(path, input=calib.numpy())
     return path
+
+
+@pytest.fixture
+def user_net(tmp_path, monkeypatch):
+    """A user's model by import path, as the CLI's --model takes it: module ``usernet`` in the current folder,
+    factory ``build`` (a small seeded conv net for 3-channel images, fast to prune)."""
+    (tmp_path / "usernet.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(16, 4, 1))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "usernet:build"

@@ -39,7 +39,7 @@ def listing(folder) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir()) if folder is not None and Path(folder).is_dir() else []
 
 
-def refused(args, *fragments, inputs=(), out_dir=None) -> str:
+def assert_refused(args, *fragments, inputs=(), out_dir=None) -> str:
     """Run the CLI and check the contract: exit 2, one line naming the problem, no traceback, nothing
     written to ``out_dir``, every file in ``inputs`` unchanged. Returns the line."""
     hashes = {str(p): sha(p) for p in inputs}
@@ -57,10 +57,10 @@ def refused(args, *fragments, inputs=(), out_dir=None) -> str:
     return err
 
 
-def quantize_refused(model, calib, out_dir, *fragments, extra=(), out_name="q.onnx", out=None):
+def assert_quantize_refused(model, calib, out_dir, *fragments, extra=(), out_name="q.onnx", out=None):
     out = out if out is not None else Path(out_dir) / out_name
     args = ["quantize", model, "--out", out] + (["--calib", calib] if calib is not None else []) + list(extra)
-    return refused(args, *fragments, inputs=[p for p in (model, calib) if p is not None and Path(p).is_file()],
+    return assert_refused(args, *fragments, inputs=[p for p in (model, calib) if p is not None and Path(p).is_file()],
                    out_dir=out_dir)
 
 
@@ -84,18 +84,18 @@ def with_weight(float_onnx, path, value):
 # ---------------------------------------------------------------------------------------------- model files
 
 def test_model_missing(tmp_path, out_dir, calib_npz):
-    quantize_refused(tmp_path / "nope.onnx", calib_npz, out_dir, "model file", "does not exist")
+    assert_quantize_refused(tmp_path / "nope.onnx", calib_npz, out_dir, "model file", "does not exist")
 
 
 def test_model_is_a_folder(tmp_path, out_dir, calib_npz):
     (tmp_path / "m.onnx").mkdir()
-    quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, "is not a file")
+    assert_quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, "is not a file")
 
 
 def test_model_not_onnx_suffix(tmp_path, out_dir, calib_npz, float_onnx):
     p = tmp_path / "model.pt"
     p.write_bytes(float_onnx.read_bytes())
-    quantize_refused(p, calib_npz, out_dir, "not an ONNX file", "expected a .onnx file")
+    assert_quantize_refused(p, calib_npz, out_dir, "not an ONNX file", "expected a .onnx file")
 
 
 @pytest.mark.parametrize("content", ["empty", "truncated", "random"])
@@ -104,21 +104,21 @@ def test_model_corrupt(tmp_path, out_dir, calib_npz, float_onnx, content):
             "random": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()}[content]
     p = tmp_path / "broken.onnx"
     p.write_bytes(data)
-    quantize_refused(p, calib_npz, out_dir, "broken.onnx")
+    assert_quantize_refused(p, calib_npz, out_dir, "broken.onnx")
 
 
 def test_model_without_nodes(tmp_path, out_dir, calib_npz):
     x = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 1, 16, 16])
     p = tmp_path / "empty_graph.onnx"
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [x], [x])), p)
-    quantize_refused(p, calib_npz, out_dir, "empty_graph.onnx")
+    assert_quantize_refused(p, calib_npz, out_dir, "empty_graph.onnx")
 
 
 def test_model_external_data_missing(tmp_path, out_dir, calib_npz, float_onnx):
     m = onnx.load(float_onnx)
     onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     (tmp_path / "m.onnx.data").unlink()
-    quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, "m.onnx is not a valid ONNX model", "m.onnx.data")
+    assert_quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, "m.onnx is not a valid ONNX model", "m.onnx.data")
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -131,7 +131,7 @@ def test_model_the_runtime_cannot_run(tmp_path, out_dir, calib_npz, float_onnx, 
     m = onnx.load(float_onnx)
     edit(m)
     onnx.save(m, tmp_path / "m.onnx")
-    quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, message)
+    assert_quantize_refused(tmp_path / "m.onnx", calib_npz, out_dir, message)
 
 
 NAN_METHODS = [m for m in cli.METHODS]   # every method the CLI offers (int8, weight-only, fp8, fp16, bf16, mixed, ...)
@@ -142,7 +142,7 @@ NAN_METHODS = [m for m in cli.METHODS]   # every method the CLI offers (int8, we
 def test_model_weights_not_finite_every_method(tmp_path, out_dir, calib_npz, float_onnx, method, value):
     bad = with_weight(float_onnx, tmp_path / "bad.onnx", value)
     extra = ["--method", method] + (["--size-budget", "0.6"] if method == "mixed" else [])
-    quantize_refused(bad, calib_npz, out_dir, "'fc.weight' of layer 'fc' holds NaN or Inf", extra=extra)
+    assert_quantize_refused(bad, calib_npz, out_dir, "'fc.weight' of layer 'fc' holds NaN or Inf", extra=extra)
 
 
 def test_model_weights_not_finite_skipped_layer_is_kept(tmp_path, out_dir, calib_npz, float_onnx):
@@ -176,19 +176,19 @@ def npz(path, **arrays):
 
 
 def test_calib_missing(tmp_path, out_dir, float_onnx):
-    quantize_refused(float_onnx, tmp_path / "none.npz", out_dir, "calibration file", "does not exist")
+    assert_quantize_refused(float_onnx, tmp_path / "none.npz", out_dir, "calibration file", "does not exist")
 
 
 def test_calib_is_a_folder(tmp_path, out_dir, float_onnx):
     (tmp_path / "c.npz").mkdir()
-    quantize_refused(float_onnx, tmp_path / "c.npz", out_dir, "is not a file; give a .npz file")
+    assert_quantize_refused(float_onnx, tmp_path / "c.npz", out_dir, "is not a file; give a .npz file")
 
 
 @pytest.mark.parametrize("content", ["empty", "random", "truncated"])
 def test_calib_not_a_zip(tmp_path, out_dir, float_onnx, calib_npz, content):
     p = tmp_path / "c.npz"
     p.write_bytes({"empty": b"", "random": os.urandom(3000), "truncated": calib_npz.read_bytes()[:5000]}[content])
-    quantize_refused(float_onnx, p, out_dir, "is not a readable .npz file", "numpy.savez")
+    assert_quantize_refused(float_onnx, p, out_dir, "is not a readable .npz file", "numpy.savez")
 
 
 def test_calib_member_is_not_an_array(tmp_path, out_dir, float_onnx):
@@ -202,7 +202,7 @@ def test_calib_member_is_not_an_array(tmp_path, out_dir, float_onnx):
         np.save(buf, np.zeros((4, 1, 16, 16), np.float32))
         z.writestr("input.npy", buf.getvalue())
         z.writestr("notes.txt", "hello")
-    quantize_refused(float_onnx, p, out_dir, "'notes.txt', which is not a .npy array")
+    assert_quantize_refused(float_onnx, p, out_dir, "'notes.txt', which is not a .npy array")
 
 
 def test_calib_member_with_an_empty_name(tmp_path, out_dir, float_onnx):
@@ -212,7 +212,7 @@ def test_calib_member_with_an_empty_name(tmp_path, out_dir, float_onnx):
     p = tmp_path / "c.npz"
     with zipfile.ZipFile(p, "w") as z:
         z.writestr(zipfile.ZipInfo(""), b"data")
-    quantize_refused(float_onnx, p, out_dir, "holds '', which is not a .npy array")
+    assert_quantize_refused(float_onnx, p, out_dir, "holds '', which is not a .npy array")
 
 
 def test_calib_header_numpy_cannot_tokenize(tmp_path, out_dir, float_onnx):
@@ -220,7 +220,7 @@ def test_calib_header_numpy_cannot_tokenize(tmp_path, out_dir, float_onnx):
     text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (4,".ljust(117) + b"\n"     # the tuple never closes
     header = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
     p = stored_npy_zip(tmp_path / "c.npz", "input.npy", header, [header], len(header), zlib.crc32(header))
-    quantize_refused(float_onnx, p, out_dir, "has no readable .npy header", "write it again with numpy.savez")
+    assert_quantize_refused(float_onnx, p, out_dir, "has no readable .npy header", "write it again with numpy.savez")
 
 
 def test_calib_corrupt_bytes_fail_the_crc(tmp_path, out_dir, float_onnx, calib):
@@ -228,7 +228,7 @@ def test_calib_corrupt_bytes_fail_the_crc(tmp_path, out_dir, float_onnx, calib):
     raw = bytearray(p.read_bytes())
     raw[400] ^= 0xFF                            # inside the stored array data
     p.write_bytes(bytes(raw))
-    quantize_refused(float_onnx, p, out_dir, "cannot be read", "Bad CRC-32")
+    assert_quantize_refused(float_onnx, p, out_dir, "cannot be read", "Bad CRC-32")
 
 
 class Payload:
@@ -244,7 +244,7 @@ def test_calib_object_array_is_not_unpickled(tmp_path, out_dir, float_onnx):
     a = np.empty(4, dtype=object)
     a[:] = [Payload() for _ in range(4)]
     p = npz(tmp_path / "c.npz", input=a)
-    quantize_refused(float_onnx, p, out_dir, "has dtype object", "accepted: float, integer or bool arrays")
+    assert_quantize_refused(float_onnx, p, out_dir, "has dtype object", "accepted: float, integer or bool arrays")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -258,18 +258,18 @@ def test_calib_object_array_is_not_unpickled(tmp_path, out_dir, float_onnx):
     (np.zeros((4, 3, 16, 16), np.float32), "has shape (4, 3, 16, 16); the model input expects ('N', 1, 16, 16)"),
 ], ids=["no-samples", "scalar", "zero-axis", "complex", "strings", "integers", "wrong-shape"])
 def test_calib_bad_arrays(tmp_path, out_dir, float_onnx, array, message):
-    quantize_refused(float_onnx, npz(tmp_path / "c.npz", input=array), out_dir, message)
+    assert_quantize_refused(float_onnx, npz(tmp_path / "c.npz", input=array), out_dir, message)
 
 
 def test_calib_nan(tmp_path, out_dir, float_onnx, calib):
     a = calib.numpy().copy()
     a[5, 0, 3, 3] = np.inf
-    quantize_refused(float_onnx, npz(tmp_path / "c.npz", input=a), out_dir, "holds NaN or Inf")
+    assert_quantize_refused(float_onnx, npz(tmp_path / "c.npz", input=a), out_dir, "holds NaN or Inf")
 
 
 def test_calib_keys_do_not_match(tmp_path, out_dir, float_onnx, calib):
     p = npz(tmp_path / "c.npz", a=calib.numpy(), b=calib.numpy())
-    quantize_refused(float_onnx, p, out_dir, "do not match the model inputs ['input']")
+    assert_quantize_refused(float_onnx, p, out_dir, "do not match the model inputs ['input']")
 
 
 def test_calib_float16_is_accepted_and_said(tmp_path, out_dir, float_onnx, calib):
@@ -328,7 +328,7 @@ def test_calib_header_declares_a_huge_shape(tmp_path, out_dir, float_onnx, calib
     body = calib.numpy().tobytes()
     p = stored_npy_zip(tmp_path / "c.npz", "input.npy", header, [header, body], len(header) + len(body),
                        zlib.crc32(header + body))
-    quantize_refused(float_onnx, p, out_dir, "declares shape (1000000000000, 1, 16, 16)", "truncated or corrupt")
+    assert_quantize_refused(float_onnx, p, out_dir, "declares shape (1000000000000, 1, 16, 16)", "truncated or corrupt")
 
 
 BOMB_SAMPLES = 1024 + 160 * 16384          # 2,622,464 samples of (1, 16, 16) float32 = 2.50 GiB
@@ -355,7 +355,7 @@ def bomb(tmp_path_factory):
 
 def test_calib_deflate_bomb_is_refused_without_max_samples(bomb, out_dir, float_onnx):
     assert bomb.stat().st_size < 3 << 20
-    quantize_refused(float_onnx, bomb, out_dir, "has shape (2622464, 1, 16, 16) (2.50 GiB)",
+    assert_quantize_refused(float_onnx, bomb, out_dir, "has shape (2622464, 1, 16, 16) (2.50 GiB)",
                      "pass --max-samples N")
 
 
@@ -386,7 +386,7 @@ def test_calib_stream_shorter_than_its_header(tmp_path, out_dir, float_onnx):
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     stream = c.compress(header + bytes(1000)) + c.flush()
     p = stored_npy_zip(tmp_path / "c.npz", "input.npy", header, [stream], len(header) + 64 * 1024, 0, method=8)
-    quantize_refused(float_onnx, p, out_dir, "calibration array 'input'", "write it again with numpy.savez")
+    assert_quantize_refused(float_onnx, p, out_dir, "calibration array 'input'", "write it again with numpy.savez")
 
 
 # ---------------------------------------------------------------------------------------------- configs (options)
@@ -408,7 +408,7 @@ def test_calib_stream_shorter_than_its_header(tmp_path, out_dir, float_onnx):
 ], ids=["bits0", "bits-neg", "wo-bits0", "mixed-bits0", "bits16", "method", "max-samples0", "calibration",
         "fp8-format", "act-dtype", "scheme", "smooth", "group"])
 def test_config_bad_values(out_dir, float_onnx, calib_npz, extra, message):
-    quantize_refused(float_onnx, calib_npz, out_dir, message, extra=extra)
+    assert_quantize_refused(float_onnx, calib_npz, out_dir, message, extra=extra)
 
 
 @pytest.mark.parametrize("make,message", [
@@ -436,7 +436,7 @@ def test_config_api_values(make, message):
 
 
 def test_config_calibrating_method_without_data(out_dir, float_onnx):
-    quantize_refused(float_onnx, None, out_dir, "calibrates activations: give --calib data.npz")
+    assert_quantize_refused(float_onnx, None, out_dir, "calibrates activations: give --calib data.npz")
 
 
 # ---------------------------------------------------------------------------------------------- output paths
@@ -449,31 +449,31 @@ def copy_of(src, folder, name="model.onnx"):
 
 def test_out_is_the_input(out_dir, float_onnx, calib_npz):
     model = copy_of(float_onnx, out_dir)
-    quantize_refused(model, calib_npz, out_dir, f"output path {model} is the input file", "never overwrites",
+    assert_quantize_refused(model, calib_npz, out_dir, f"output path {model} is the input file", "never overwrites",
                      out=model)
 
 
 def test_out_is_the_input_by_another_spelling(out_dir, float_onnx, calib_npz, monkeypatch):
     model = copy_of(float_onnx, out_dir)
     monkeypatch.chdir(out_dir)
-    quantize_refused(model, calib_npz, out_dir, "is the input file", out=Path("..") / out_dir.name / "model.onnx")
+    assert_quantize_refused(model, calib_npz, out_dir, "is the input file", out=Path("..") / out_dir.name / "model.onnx")
 
 
 def test_out_is_a_symlink_to_the_input(out_dir, float_onnx, calib_npz):
     model = copy_of(float_onnx, out_dir)
     (out_dir / "link.onnx").symlink_to(model)
-    quantize_refused(model, calib_npz, out_dir, "is the input file", out=out_dir / "link.onnx")
+    assert_quantize_refused(model, calib_npz, out_dir, "is the input file", out=out_dir / "link.onnx")
 
 
 def test_out_is_a_hard_link_to_the_input(out_dir, float_onnx, calib_npz):
     model = copy_of(float_onnx, out_dir)
     os.link(model, out_dir / "hard.onnx")
-    quantize_refused(model, calib_npz, out_dir, "is the input file", out=out_dir / "hard.onnx")
+    assert_quantize_refused(model, calib_npz, out_dir, "is the input file", out=out_dir / "hard.onnx")
 
 
 def test_out_is_the_calibration_file(out_dir, float_onnx, calib_npz):
     calib = copy_of(calib_npz, out_dir, "c.npz")
-    quantize_refused(float_onnx, calib, out_dir, "is the input file", out=calib)
+    assert_quantize_refused(float_onnx, calib, out_dir, "is the input file", out=calib)
 
 
 @pytest.mark.parametrize("folder", ["/proc", "/sys"])
@@ -482,17 +482,17 @@ def test_out_passes_os_access_but_cannot_be_written(out_dir, float_onnx, calib_n
     created there: the check creates a probe file before any work starts."""
     if not Path(folder).is_dir():
         pytest.skip(f"{folder} is not here")
-    err = quantize_refused(float_onnx, calib_npz, None, f"cannot write {folder}/q.onnx: creating a file in "
+    err = assert_quantize_refused(float_onnx, calib_npz, None, f"cannot write {folder}/q.onnx: creating a file in "
                            f"{folder} failed", out=Path(folder) / "q.onnx")
     assert "give a path in a folder you can write" in err
 
 
 def test_out_is_a_folder(out_dir, float_onnx, calib_npz):
-    quantize_refused(float_onnx, calib_npz, out_dir, "is a directory; give a file name", out=out_dir)
+    assert_quantize_refused(float_onnx, calib_npz, out_dir, "is a directory; give a file name", out=out_dir)
 
 
 def test_out_folder_missing(out_dir, float_onnx, calib_npz):
-    quantize_refused(float_onnx, calib_npz, out_dir, "folder", "does not exist", out=out_dir / "no" / "q.onnx")
+    assert_quantize_refused(float_onnx, calib_npz, out_dir, "folder", "does not exist", out=out_dir / "no" / "q.onnx")
 
 
 def test_api_refuses_out_equal_to_input(out_dir, float_onnx):
@@ -505,12 +505,12 @@ def test_api_refuses_out_equal_to_input(out_dir, float_onnx):
 
 def test_prune_onnx_output_unwritable_writes_nothing(out_dir):
     """The issue's case: `smallify prune --onnx /sys/o.onnx` wrote o.smallify and then failed."""
-    refused(["prune", "--out", out_dir / "o.smallify", "--onnx", "/sys/o.onnx"], "cannot write /sys/o.onnx",
+    assert_refused(["prune", "--out", out_dir / "o.smallify", "--onnx", "/sys/o.onnx"], "cannot write /sys/o.onnx",
             out_dir=out_dir)
 
 
 def test_prune_both_outputs_one_file(out_dir):
-    refused(["prune", "--out", out_dir / "o.smallify", "--onnx", out_dir / "o.smallify"], "name one file",
+    assert_refused(["prune", "--out", out_dir / "o.smallify", "--onnx", out_dir / "o.smallify"], "name one file",
             out_dir=out_dir)
 
 
@@ -519,7 +519,7 @@ def test_prune_weights_unreadable(tmp_path, out_dir, content):
     weights = tmp_path / "w.safetensors"
     if content is not None:
         weights.write_bytes(content)
-    refused(["prune", "--weights", weights, "--out", out_dir / "p.smallify"],
+    assert_refused(["prune", "--weights", weights, "--out", out_dir / "p.smallify"],
             "does not exist" if content is None else "is not a readable safetensors file",
             inputs=[weights] if content is not None else [], out_dir=out_dir)
 
@@ -527,26 +527,26 @@ def test_prune_weights_unreadable(tmp_path, out_dir, content):
 def test_prune_out_is_the_weights(tmp_path):
     weights = tmp_path / "w.smallify"
     sm.save(torch.nn.Linear(2, 2), weights)
-    refused(["prune", "--weights", weights, "--out", weights], "is the input file", inputs=[weights],
+    assert_refused(["prune", "--weights", weights, "--out", weights], "is the input file", inputs=[weights],
             out_dir=tmp_path)
 
 
 def test_distill_out_is_the_student_weights(tmp_path):
     weights = tmp_path / "s.smallify"
     sm.save(torch.nn.Linear(2, 2), weights)
-    refused(["distill", "--student", "example", "--student-weights", weights, "--out", weights],
+    assert_refused(["distill", "--student", "example", "--student-weights", weights, "--out", weights],
             "is the input file", inputs=[weights], out_dir=tmp_path)
 
 
 @pytest.mark.parametrize("folder", ["/proc/demo", "/sys/demo"])
 def test_demo_out_folder_cannot_be_made(folder):
-    refused(["demo", "--out", folder], f"cannot create the folder {folder}", "give a folder you can write")
+    assert_refused(["demo", "--out", folder], f"cannot create the folder {folder}", "give a folder you can write")
 
 
 def test_demo_out_is_a_file(tmp_path):
     f = tmp_path / "results"
     f.write_text("keep me")
-    refused(["demo", "--out", f], "is a file; give a folder", inputs=[f], out_dir=tmp_path)
+    assert_refused(["demo", "--out", f], "is a file; give a folder", inputs=[f], out_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- containers (.smallify)
@@ -602,7 +602,7 @@ def edited(containers, tmp_path, name, edit, manifest_edit=None):
     return write_st(tmp_path / name, header, data)
 
 
-def load_refused(path, model, *fragments, error=sm.ModelError):
+def assert_load_refused(path, model, *fragments, error=sm.ModelError):
     digest = sha(path)
     with pytest.raises(error) as info:
         sm.load(path, model)
@@ -627,7 +627,7 @@ def test_container_truncated(containers, tmp_path, keep):
     cut = raw[:int(len(raw) * keep)] if isinstance(keep, float) else raw[:keep if keep >= 0 else len(raw) + keep]
     p = tmp_path / "cut.smallify"
     p.write_bytes(cut)
-    load_refused(p, mlp(), "is not a .smallify (safetensors) file", "write it with smallify.save")
+    assert_load_refused(p, mlp(), "is not a .smallify (safetensors) file", "write it with smallify.save")
 
 
 def test_container_header_lies_about_offsets(containers, tmp_path):
@@ -635,21 +635,21 @@ def test_container_header_lies_about_offsets(containers, tmp_path):
         k = next(k for k in header if k.endswith("weight:packed"))
         a, b = header[k]["data_offsets"]
         header[k]["data_offsets"] = [a, b + 64]
-    load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "is not a .smallify (safetensors) file")
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "is not a .smallify (safetensors) file")
 
 
 def test_container_header_lies_about_dtype(containers, tmp_path):
     """uint8 packed weights declared int8 (same size, so the safetensors checks pass): our check catches it."""
     def edit(header, data):
         header["fc1.weight:packed"]["dtype"] = "I8"
-    load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "packed weight of layer 'fc1'",
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "packed weight of layer 'fc1'",
                  "torch.int8", "needs 512 uint8 bytes")
 
 
 def test_container_header_lies_about_shape(containers, tmp_path):
     def edit(header, data):
         header["fc2.weight_scale"]["shape"] = [5, 2]      # same byte count as [10]
-    load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "does not fit this model or is corrupt")
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "does not fit this model or is corrupt")
 
 
 @pytest.mark.parametrize("manifest_edit,message", [
@@ -675,7 +675,7 @@ def test_container_header_lies_about_shape(containers, tmp_path):
         "layer-unknown", "config-kind", "config-field", "config-type", "config-str", "version-newer",
         "version-str", "format", "layers-list", "no-config", "branches"])
 def test_container_manifest_lies(containers, tmp_path, manifest_edit, message):
-    load_refused(edited(containers, tmp_path, "q4.smallify", None, manifest_edit), mlp(), message)
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", None, manifest_edit), mlp(), message)
 
 
 @pytest.mark.parametrize("manifest_edit,message", [
@@ -683,32 +683,32 @@ def test_container_manifest_lies(containers, tmp_path, manifest_edit, message):
     (lambda m: m["sparse"].update({"fc2.weight": [10, 32]}), "lacks its mask or values"),
 ], ids=["shape", "not-sparse"])
 def test_container_sparse_record_lies(containers, tmp_path, manifest_edit, message):
-    load_refused(edited(containers, tmp_path, "sparse.smallify", None, manifest_edit), mlp(), message)
+    assert_load_refused(edited(containers, tmp_path, "sparse.smallify", None, manifest_edit), mlp(), message)
 
 
 def test_container_manifest_not_json(containers, tmp_path):
     header, data = read_st(containers / "q4.smallify")
     header["__metadata__"]["smallify"] = "{" * 100000        # deep nesting: not a RecursionError traceback
-    load_refused(write_st(tmp_path / "q4.smallify", header, data), mlp(), "manifest that is not valid JSON")
+    assert_load_refused(write_st(tmp_path / "q4.smallify", header, data), mlp(), "manifest that is not valid JSON")
 
 
 def test_container_scale_not_finite(containers, tmp_path):
     def edit(header, data):
         a, _ = header["fc1.weight_scale"]["data_offsets"]
         return data[:a] + struct.pack("<f", float("nan")) + data[a + 4:]
-    load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "scale of layer 'fc1'",
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "scale of layer 'fc1'",
                  "must be finite positive floats")
 
 
 def test_container_is_a_pickle_and_nothing_runs(tmp_path):
     Payload.marker = tmp_path / "pwned"
     torch.save({"fc1.weight": Payload()}, tmp_path / "evil.smallify")
-    load_refused(tmp_path / "evil.smallify", mlp(), "is not a .smallify (safetensors) file")
+    assert_load_refused(tmp_path / "evil.smallify", mlp(), "is not a .smallify (safetensors) file")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_container_into_another_architecture(containers):
-    load_refused(containers / "q4.smallify", nn.Sequential(nn.Linear(3, 3)), "no layer 'fc1'")
+    assert_load_refused(containers / "q4.smallify", nn.Sequential(nn.Linear(3, 3)), "no layer 'fc1'")
 
 
 def test_container_model_argument_not_a_module(containers):
@@ -719,7 +719,7 @@ def test_container_model_argument_not_a_module(containers):
 def test_container_through_the_cli(containers, tmp_path, out_dir):
     raw = (containers / "q4.smallify").read_bytes()
     (tmp_path / "cut.smallify").write_bytes(raw[:len(raw) // 2])
-    refused(["prune", "--weights", tmp_path / "cut.smallify", "--out", out_dir / "p.smallify"],
+    assert_refused(["prune", "--weights", tmp_path / "cut.smallify", "--out", out_dir / "p.smallify"],
             "is not a .smallify (safetensors) file", inputs=[tmp_path / "cut.smallify"], out_dir=out_dir)
 
 

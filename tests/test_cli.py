@@ -255,21 +255,14 @@ def test_prune_then_distill_the_example(tmp_path):
     assert not torch.equal(trained.stem[0].weight, small.stem[0].weight)
 
 
-def test_prune_a_user_model_by_import_path(tmp_path, monkeypatch):
-    (tmp_path / "usernet.py").write_text(
-        "import torch\n"
-        "def build():\n"
-        "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),\n"
-        "                               torch.nn.Conv2d(16, 4, 1))\n")
-    monkeypatch.chdir(tmp_path)
+def test_prune_a_user_model_by_import_path(tmp_path, user_net):
+    import importlib
+
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(tmp_path))
-    import usernet
-
-    save_file(usernet.build().state_dict(), tmp_path / "w.safetensors")
-    r = run("prune", "--model", "usernet:build", "--weights", tmp_path / "w.safetensors", "--ratio", "0.5",
+    build = getattr(importlib.import_module("usernet"), "build")
+    save_file(build().state_dict(), tmp_path / "w.safetensors")
+    r = run("prune", "--model", user_net, "--weights", tmp_path / "w.safetensors", "--ratio", "0.5",
             "--input-shape", "1,3,8,8", "--out", tmp_path / "p.smallify")
     assert r.exit_code == 0, r.output
     assert "16 -> 8 channels" in r.stdout

@@ -19,17 +19,9 @@ def run(*args, **kwargs):
 
 
 @pytest.fixture
-def tiny_net(tmp_path, monkeypatch):
-    """A user's model by import path (fast to prune) and its weights."""
-    (tmp_path / "tinynet.py").write_text(
-        "import torch\n"
-        "def build():\n"
-        "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),\n"
-        "                               torch.nn.Conv2d(16, 4, 1))\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return ["--model", "tinynet:build", "--input-shape", "1,3,8,8"]
+def tiny_net(user_net):
+    """A user's model by import path (fast to prune)."""
+    return ["--model", user_net, "--input-shape", "1,3,8,8"]
 
 
 def test_prune_writes_both_outputs_or_neither(tmp_path, tiny_net, monkeypatch):
@@ -73,9 +65,9 @@ def test_boolean_flags_take_no_value():
 @pytest.fixture
 def tiny_onnx(tmp_path, tiny_net):
     import smallify as sm
-    import tinynet
+    import usernet
 
-    sm.export_onnx(tinynet.build().eval(), tmp_path / "tiny.onnx", torch.randn(1, 3, 8, 8))
+    sm.export_onnx(usernet.build().eval(), tmp_path / "tiny.onnx", torch.randn(1, 3, 8, 8))
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
     return tmp_path / "tiny.onnx"
 

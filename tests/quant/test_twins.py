@@ -49,7 +49,7 @@ def test_gpt2_quantized_save_load_round_trip(tiny_gpt2, tmp_path):
 
 
 def test_twin_quantizes_the_transposed_weight_per_output_channel():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
