@@ -27,20 +27,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 
+from smallify.examples import onnx_check as ocheck  # noqa: E402
 from smallify.examples import onnx_corpus as oc  # noqa: E402
 from smallify.measure.isolated import bench_isolated  # noqa: E402
 
 SPEED_MODELS = ("mobilenet_v3ish", "mobilenet_se", "resnet18_224")
 
 
-def cpu_line() -> str:
+def cpu_line(reduce_range: str = "auto") -> str:
     from smallify.measure.machine import cpu_summary
     from smallify.quant.config import saturating_cpu
 
-    return cpu_summary() + ("; INT8 weights on a 7-bit grid here (reduce_range: no VNNI/AMX)" if saturating_cpu() else "")
+    seven = reduce_range == "on" or (reduce_range == "auto" and saturating_cpu())
+    return cpu_summary() + ("; INT8 weights on a 7-bit grid (reduce_range)" if seven else "; INT8 weights on the full 8-bit grid")
 
 
-def ort_peer(model: oc.CorpusModel, folder: Path) -> oc.Outcome:
+def ort_peer(model: oc.CorpusModel, folder: Path) -> ocheck.Outcome:
     """ONNX Runtime's own ``quantize_static`` (QDQ, per channel, its defaults otherwise) on the same model and
     calibration data, judged like smallify's int8."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -61,25 +63,25 @@ def ort_peer(model: oc.CorpusModel, folder: Path) -> oc.Outcome:
     try:
         quantize_static(str(model.path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
         feeds = {k: v[:16] for k, v in model.calib.items()}
-        ref, got = oc.run_onnx(model.path, feeds), oc.run_onnx(out, feeds)
+        ref, got = ocheck.run_onnx(model.path, feeds), ocheck.run_onnx(out, feeds)
     except Exception as e:  # noqa: BLE001 - the peer's failures are what this column records
         text = " ".join(str(e).split())
-        return oc.Outcome(model.name, "ORT q_static", "fails", f"{type(e).__name__}: ...{text[-110:]}")
+        return ocheck.Outcome(model.name, "ORT q_static", "fails", f"{type(e).__name__}: ...{text[-110:]}")
     err = ((ref - got) ** 2).sum()
     sqnr = float(10 * np.log10((ref ** 2).sum() / err)) if err > 0 else float("inf")
-    return oc.Outcome(model.name, "ORT q_static", "ok", "", sqnr, float("nan"),
-                      oc._file_bytes(out) / oc._file_bytes(model.path), sum(v for k, v in oc.kernels(out).items()
-                                                                             if k in oc.INTEGER_OPS))
+    return ocheck.Outcome(model.name, "ORT q_static", "ok", "", sqnr, float("nan"),
+                      ocheck.file_bytes(out) / ocheck.file_bytes(model.path), sum(v for k, v in ocheck.kernels(out).items()
+                                                                             if k in ocheck.INTEGER_OPS))
 
 
-def quality(folder: Path, peers: bool = True) -> list[oc.Outcome]:
+def quality(folder: Path, peers: bool = True, reduce_range="auto") -> list[ocheck.Outcome]:
     outcomes = []
     for name in oc.BUILDERS:
         if name == "mobilenet_v3ish":
             continue
         model = oc.build(name, folder)
-        for method in oc.METHODS:
-            o = oc.check(model, method, folder)
+        for method in ocheck.METHODS:
+            o = ocheck.check(model, method, folder, reduce_range)
             outcomes.append(o)
             print(f"  {name:20s} {method:12s} {o.status}", file=sys.stderr, flush=True)
         if peers:
@@ -87,7 +89,7 @@ def quality(folder: Path, peers: bool = True) -> list[oc.Outcome]:
     return outcomes
 
 
-def print_quality(outcomes: list[oc.Outcome]) -> None:
+def print_quality(outcomes: list[ocheck.Outcome]) -> None:
     print(f"\n{'model':20s} {'method':12s} {'result':8s} {'SQNR dB':>8s} {'cosine':>8s} {'size':>6s} {'int ops':>7s}  reason / float layers")
     for o in outcomes:
         if o.status == "ok":
@@ -126,7 +128,7 @@ def speed_models(folder: Path) -> dict[str, dict[str, str]]:
             torch.manual_seed(0)
             path = folder / "resnet18_224.onnx"
             calib = {"input": np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)}
-            oc._export(oc._randomize_bn(resnet18(), 0), (torch.from_numpy(calib["input"][:1]),), path, ["input"], 17)
+            oc.export_torch(oc.randomize_bn(resnet18(), 0), (torch.from_numpy(calib["input"][:1]),), path, ["input"], 17)
         else:
             m = oc.build(name, folder)
             path, calib = m.path, m.calib
@@ -158,16 +160,19 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="also time the CNNs (separate processes)")
     ap.add_argument("--only-speed", action="store_true")
     ap.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime's quantize_static column")
+    ap.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                    help="int8/dynamic/mixed weights on a 7-bit grid (off: full int8, saturating without VNNI/AMX)")
     ap.add_argument("--runtime", action="append", choices=("onnxruntime", "openvino"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     args = ap.parse_args()
-    print(cpu_line())
+    print(cpu_line(args.reduce_range))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.only_speed:
             start = time.perf_counter()
-            print_quality(quality(folder, not args.no_peers))
+            ranges = {"auto": "auto", "on": True, "off": False}
+            print_quality(quality(folder, not args.no_peers, ranges[args.reduce_range]))
             print(f"quality table: {time.perf_counter() - start:.0f} s")
         if args.speed or args.only_speed:
             speed(folder, args.runtime or ["onnxruntime", "openvino"], args.rounds, args.seconds)

@@ -57,8 +57,9 @@ def check_group_fits(group_size: int | None, in_channels: int, layer: str, auto:
 def saturating_cpu(cpuinfo: str | None = None) -> bool:
     """True on an x86 CPU without AVX-512 VNNI, AVX-VNNI or AMX (e.g. an AVX2-only EPYC): there ONNX Runtime's
     uint8 x int8 kernels add pairs of products in saturating 16-bit lanes (vpmaddubsw), so full-range int8
-    weights overflow: on such a machine a small CNN read 28 dB output SQNR with 8-bit weights and 39 dB with
-    7-bit ones (ONNX Runtime's quantizer calls the remedy ``reduce_range``)."""
+    weights overflow: on such a machine the ONNX corpus's int8 output SQNR read 11.9 dB at worst with 8-bit
+    weights and 31.0 dB with 7-bit ones (``benchmarks/onnx_corpus.py --reduce-range off|auto``; ONNX Runtime's
+    quantizer calls the remedy ``reduce_range``)."""
     import platform
 
     from smallify.measure.machine import cpu_flags
