@@ -9,6 +9,7 @@ from torch import nn
 
 from smallify.config import check_config, configs_of
 from smallify.errors import ConfigError, DataError, ModelError
+from smallify.llm.config import LLMWeightOnly
 from smallify.quant.config import Float16, Int8Static, WeightOnly
 from smallify.quant.dynamic import Int8Dynamic
 from smallify.quant.mixed import MixedPrecision
@@ -41,7 +42,7 @@ def check_finite_weights(model: nn.Module, config) -> None:
 
 
 def quantize(model, config: Int8Static | None = None, data=None, out: str | os.PathLike | None = None,
-             progress: bool = True, eval_fn=None):
+             progress: bool = True, eval_fn=None, tokenizer=None, checkpoint=None):
     """Quantize ``model`` with ``config`` (default ``Int8Static()``), calibrating on ``data``.
 
     ``eval_fn``: for ``MixedPrecision``, the task metric (higher is better): ``eval_fn(module)`` for PyTorch
@@ -56,12 +57,18 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
       quantized, or left in float and why). Export it with ``export_onnx``.
     * path to an ``.onnx`` file or an ``onnx.ModelProto``: returns ``QuantizedONNX``; writes ``out`` if given.
       ``data`` may also be the path of a .npz file (one array per model input).
+    * LLM methods (``smallify.llm``: ``RTN``, ``DataFree``, ``GPTQ``, ``AWQ``) on a transformers causal LM, a
+      Hugging Face folder or a .gguf file: the model quantized in place and returned; ``data`` is calibration
+      text (strings, a .txt/.jsonl path, or token ids) read with ``tokenizer``; ``checkpoint``: a folder where
+      each finished block is kept, so that a killed run resumes.
     """
     config = check_config(config, configs_of("quantize"), "quantize") or Int8Static()
     static = isinstance(config, Int8Static)
     if static and data is None:
         raise DataError(f"{type(config).__name__} calibrates activations on data: pass data= (an iterable of "
                         "batches, a tensor, a dict of arrays or a .npz path); WeightOnly and Float16 need none")
+    if isinstance(config, LLMWeightOnly):
+        return _quantize_llm(model, config, data, tokenizer, checkpoint, progress, out)
     if isinstance(model, nn.Module):
         if out is not None:
             raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)"
@@ -83,6 +90,24 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
         return QuantizedONNX(proto, None if out is None else str(out), report, plan)
     raise ModelError(f"cannot quantize a {type(model).__name__}; accepted: torch.nn.Module, path to .onnx, "
                      "onnx.ModelProto")
+
+
+def _quantize_llm(model, config, data, tokenizer, checkpoint, progress, out):
+    from smallify.llm.quantize import quantize_llm
+
+    if out is not None:
+        raise ConfigError("out= applies to ONNX models; write an LLM with smallify.llm.save_hf / save_gguf or "
+                          "smallify.save")
+    if isinstance(model, (str, os.PathLike)):
+        from smallify.llm.load import load_causal_lm
+
+        model, loaded_tokenizer, _ = load_causal_lm(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"cannot quantize a {type(model).__name__} with {type(config).__name__}; accepted: a "
+                         "transformers causal LM, a Hugging Face folder or a .gguf file")
+    check_finite_weights(model, config)
+    return quantize_llm(model, config, data, tokenizer, progress=progress, checkpoint=checkpoint)
 
 
 # config type -> (PyTorch converter, ONNX converter), "module:function", imported when used and looked up along

@@ -251,7 +251,8 @@ def _static(model: nn.Module, config, specs: dict) -> nn.Module:
 # config kind -> fn(float model, config, {layer: WeightSpec}) -> model, found along the config class's MRO
 # (MixedPrecision and FP8Static are rebuilt as the Int8Static they subclass).
 STRUCTURES: dict[str, Callable[[nn.Module, object, dict], nn.Module]] = {
-    "float16": _half, "int8_dynamic": _dynamic, "weight_only": _weight_only, "int8_static": _static}
+    "float16": _half, "int8_dynamic": _dynamic, "weight_only": _weight_only, "int8_static": _static,
+    "llm_weight_only": _weight_only}
 
 
 def _structure(config) -> Callable[[nn.Module, object, dict], nn.Module]:
