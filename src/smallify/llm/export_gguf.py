@@ -1,0 +1,273 @@
+"""A weight-only quantized LLM as a GGUF file for llama.cpp, holding smallify's grid exactly.
+
+llama.cpp's block formats store one (d, m) pair per 32 consecutive input channels of a row:
+    Q4_0: value = d * (u - 8),  u in 0..15    (smallify's signed 4-bit grid, zero point 0)
+    Q4_1: value = d * u + m,    u in 0..15    (unsigned 4-bit grid: d = scale, m = -scale * zero_point)
+    Q8_0: value = d * v,        v in -128..127 (signed 8-bit grid, zero point 0)
+A group of ``g`` input channels, ``g`` a multiple of 32 (per output channel: ``g`` = the row), is written by
+repeating its (d, m) in each of its blocks, with the twin's own integers: GPTQ/AWQ grids are kept, nothing is
+re-rounded. The only change is fp16 storage of d and m (relative rounding <= 2^-11 each, so a value moves by at
+most 2^-11 * (|d * u| + |m|)). 2/3/5/6/7 bits, asymmetric 8 bits and groups not a multiple of 32 have no exact
+llama.cpp type and are refused.
+
+GGUF holds the tokenizer and the hyper-parameters, so the writer needs the GGUF the model came from as its
+template: its metadata is copied, its tensor names and shapes are the checklist. A Hugging Face folder is first
+converted with llama.cpp's convert_hf_to_gguf.py. Llama's q/k rows are stored in llama.cpp's rotary order (the
+permutation transformers undoes when it loads a GGUF); groups lie along input columns, so rows permute with
+their grids.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from smallify.errors import ConfigError, ModelError, OutputError, first_line
+from smallify.files import write_atomic
+from smallify.quant.modules import QuantTwin
+from smallify.quant.primitives import IntFormat
+
+BLOCK = 32
+ACCEPTED = ("4-bit (Q4_0 sym / Q4_1 asym) or 8-bit sym (Q8_0) with group_size a multiple of 32 "
+            "(or per output channel)")
+# architecture -> how its q/k rows are ordered in GGUF: "rotary" (llama.cpp's permutation) or None (as in HF).
+# These are the layouts transformers' GGUF loader reads back unchanged or un-permuted.
+ROW_ORDER = {"llama": "rotary", "qwen2": None, "qwen3": None}
+FLOAT_TYPES = ("F16", "F32")
+PASS_THROUGH = ("rope_freqs.weight",)
+SET_BY_WRITER = ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version")      # template tensors that are constants, not model parameters
+
+
+# ---------------------------------------------------------------------------------------------- pure math
+
+def rotary_rows(rows: int, n_head: int) -> np.ndarray:
+    """Row order of llama.cpp's q/k permutation: GGUF row i holds HF row ``index[i]`` (convert_hf_to_gguf's
+    ``permute``: each head's two rotary halves interleaved)."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def block_params(param: torch.Tensor, rows: int, cols: int, group: int | None) -> np.ndarray:
+    """A per-group (or per-row, or per-tensor) grid parameter repeated to one value per 32-column block:
+    shape [rows, cols // 32]. Requires ``group`` to be a multiple of 32 (checked by the caller)."""
+    p = param.detach().cpu().to(torch.float64).numpy()
+    nb = cols // BLOCK
+    if group is None:
+        return np.broadcast_to(p.reshape(-1, 1) if p.ndim else p, (rows, nb)).copy()
+    return p[:, (np.arange(nb) * BLOCK) // group]
+
+
+def _halves(u: np.ndarray) -> np.ndarray:
+    """4-bit values [rows, nb, 32] -> ggml's nibbles [rows, nb, 16]: byte j = u[j] | u[j + 16] << 4."""
+    return (u[..., :16] | (u[..., 16:] << 4)).astype(np.uint8)
+
+
+def _fp16(x: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(x).all() or np.abs(x).max(initial=0) > 65504:
+        raise ModelError(f"a {what} of {np.abs(x).max():.4g} does not fit GGUF's fp16 block storage (max 65504)")
+    return x.astype(np.float16)[..., None].view(np.uint8)
+
+
+def pack_q4_0(u: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q4_0 bytes of integers ``u`` [rows, cols] in 0..15 (value d*(u-8)), ``d`` [rows, cols//32]."""
+    rows, cols = u.shape
+    u = u.reshape(rows, cols // BLOCK, BLOCK).astype(np.uint8)
+    return np.concatenate([_fp16(d, "scale"), _halves(u)], axis=-1).reshape(rows, -1)
+
+
+def pack_q4_1(u: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_1 bytes of integers ``u`` [rows, cols] in 0..15 (value d*u + m)."""
+    rows, cols = u.shape
+    u = u.reshape(rows, cols // BLOCK, BLOCK).astype(np.uint8)
+    return np.concatenate([_fp16(d, "scale"), _fp16(m, "minimum"), _halves(u)], axis=-1).reshape(rows, -1)
+
+
+def pack_q8_0(v: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q8_0 bytes of integers ``v`` [rows, cols] in -128..127 (value d*v)."""
+    rows, cols = v.shape
+    v = v.reshape(rows, cols // BLOCK, BLOCK).astype(np.int8).view(np.uint8)
+    return np.concatenate([_fp16(d, "scale"), v], axis=-1).reshape(rows, -1)
+
+
+def twin_blocks(twin: QuantTwin, name: str, rows: np.ndarray | None = None):
+    """(GGML type, bytes [out, in // 32 * block bytes]) of a twin's stored grid; ``rows``: a row order.
+    Refuses grids llama.cpp cannot hold exactly."""
+    import gguf
+
+    fmt, group = twin.spec.fmt, twin.spec.group_size
+    if not isinstance(fmt, IntFormat) or fmt.bits not in (4, 8):
+        what = f"{fmt.bits}-bit" if isinstance(fmt, IntFormat) else f"{twin.spec.describe()}"
+        raise ConfigError(f"{name}: {what} weights have no exact GGUF block type; accepted: {ACCEPTED}")
+    q, scale, zero = twin.stored()
+    out, cols = q.shape
+    if (group or cols) % BLOCK:
+        raise ConfigError(f"{name}: group_size={group or cols} ({'per channel' if not group else 'groups'}) has "
+                          f"no exact GGUF block type; accepted: {ACCEPTED}")
+    offset = 2 ** (fmt.bits - 1) if fmt.signed else 0     # the grid as unsigned integers u = q + offset
+    u = q.to(torch.int64).numpy() + offset
+    d = block_params(scale, out, cols, group)
+    zu = block_params(zero, out, cols, group) + offset
+    if rows is not None:
+        u, d, zu = u[rows], d[rows], zu[rows]
+    half = 2 ** (fmt.bits - 1)
+    if fmt.bits == 8:
+        if (zu != half).any():
+            raise ConfigError(f"{name}: asymmetric 8-bit weights (zero points other than 0) have no exact GGUF "
+                              f"block type; accepted: {ACCEPTED}")
+        return gguf.GGMLQuantizationType.Q8_0, pack_q8_0(u - half, d)
+    if (zu == half).all():
+        return gguf.GGMLQuantizationType.Q4_0, pack_q4_0(u, d)
+    return gguf.GGMLQuantizationType.Q4_1, pack_q4_1(u, d, -d * zu)
+
+
+# ---------------------------------------------------------------------------------------------- the file
+
+@functools.lru_cache(maxsize=2)
+def _open_template(path: Path, mtime_ns: int, size: int):
+    """A parsed template (GGUFReader takes seconds on a 49k-token vocabulary); cached by path, time and size."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read template {path} as GGUF: {first_line(e)}") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.get_field(key)
+    return field.contents() if field is not None else default
+
+
+def _model_tensors(model: nn.Module, name_map, arch: str) -> dict[str, tuple[str, nn.Module, str]]:
+    """GGUF name -> (HF name, owning module, parameter name) for every parameter of ``model``."""
+    found, unmapped = {}, []
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, _ in module.named_parameters(recurse=False):
+            hf = f"{mname}.{pname}" if mname else pname
+            gname = name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                unmapped.append(hf)
+            else:
+                found.setdefault(gname, (hf, module, pname))
+    if unmapped:
+        raise ModelError(f"{len(unmapped)} parameters have no GGUF name for architecture {arch!r} "
+                         f"(e.g. {unmapped[0]}); the model and the template GGUF must be the same architecture")
+    return found
+
+
+def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathLike | None = None, *,
+              float_type: str = "F16", force: bool = False) -> Path:
+    """Write ``model`` (a transformers causal LM whose Linears are smallify twins) as a GGUF file at ``out``.
+
+    ``template``: the GGUF the model came from (required: GGUF output needs it for the tokenizer and the
+    hyper-parameters; convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first). Every
+    metadata key is copied from it (general.file_type set to the type most of the weights take), and every one
+    of its tensors is written, under its name and shape, from the model: twins as Q4_0 / Q4_1 / Q8_0 packed
+    from their stored integers, other matrices as ``float_type`` ('F16' or 'F32'; a quantized token_embd of
+    the template is written float, as the model holds it), vectors (norms, biases) as F32. An lm_head not tied
+    to the embedding is added as output.weight. ``force``: overwrite an existing ``out``."""
+    import gguf
+
+    if template is None:
+        raise ConfigError("GGUF output needs the source GGUF as template= for its tokenizer and metadata; "
+                          "convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first")
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(f"float_type={float_type!r} is not supported; accepted: {', '.join(FLOAT_TYPES)}")
+    template, out = Path(template), Path(out)
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists; pass force=True to overwrite it, or give another name")
+    if not template.is_file():
+        raise ModelError(f"template {template} is not a file; give the GGUF the model was loaded from")
+    stat = template.stat()
+    reader = _open_template(template.resolve(), stat.st_mtime_ns, stat.st_size)
+    arch = _field(reader, "general.architecture")
+    if arch not in ROW_ORDER:
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported; accepted: {', '.join(ROW_ORDER)}")
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    n_blocks = int(_field(reader, f"{arch}.block_count"))
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    cfg = getattr(model, "config", None)
+    for key, value in (("num_hidden_layers", n_blocks), ("num_attention_heads", n_head),
+                       ("num_key_value_heads", n_head_kv)):
+        if getattr(cfg, key, value) != value:
+            raise ModelError(f"model {key}={getattr(cfg, key)} but template {template.name} has {value}; "
+                             "give the GGUF this model was loaded from")
+    found = _model_tensors(model, gguf.get_tensor_name_map(arch_id, n_blocks), arch)
+
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape.tolist())) for t in reader.tensors}
+    names = list(shapes)
+    head, embd = found.get("output.weight"), found.get("token_embd.weight")
+    if "output.weight" not in shapes and head is not None and embd is not None and \
+            getattr(head[1], head[2]) is not getattr(embd[1], embd[2]):
+        names.append("output.weight")                      # an lm_head untied from the embedding (e.g. a twin)
+    missing = [n for n in names if n not in found and n not in PASS_THROUGH]
+    extra = [found[n][0] for n in found if n not in names and n != "output.weight"]
+    if missing or extra:
+        raise ModelError(f"model and template {template.name} disagree: "
+                         + (f"template tensor {missing[0]} has no model parameter" if missing
+                            else f"model parameter {extra[0]} has no tensor in the template"))
+
+    writer_tensors, counts = [], {}
+    for name in names:
+        if name not in found:
+            t = next(t for t in reader.tensors if t.name == name)
+            writer_tensors.append((name, np.array(t.data), t.tensor_type))
+            continue
+        hf, module, pname = found[name]
+        rows = None
+        if ROW_ORDER[arch] == "rotary" and (".attn_q." in name or ".attn_k." in name):
+            heads = n_head if ".attn_q." in name else n_head_kv
+            rows = rotary_rows(getattr(module, pname).shape[0], heads)
+        if isinstance(module, QuantTwin) and pname == "weight" and module.spec.fmt is not None:
+            qtype, data = twin_blocks(module, hf, rows)
+            shape = tuple(module.weight.shape)
+            counts[qtype] = counts.get(qtype, 0) + module.weight.numel()
+        else:
+            w = getattr(module, pname).detach().float().cpu().numpy()
+            w = w[rows] if rows is not None else w
+            ftype = float_type if w.ndim > 1 else "F32"
+            data = w.astype(np.float16 if ftype == "F16" else np.float32)
+            qtype, shape = gguf.GGMLQuantizationType[ftype], w.shape
+        if name in shapes and shapes[name] != shape:
+            raise ModelError(f"{hf} has shape {list(shape)} but template tensor {name} has {list(shapes[name])}")
+        writer_tensors.append((name, data, qtype))
+
+    file_type = {gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+                 gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+                 gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}.get(
+        max(counts, key=counts.get) if counts else None,
+        gguf.LlamaFileType.MOSTLY_F16 if float_type == "F16" else gguf.LlamaFileType.ALL_F32)
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in SET_BY_WRITER:
+                continue
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        if reader.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+            writer.add_custom_alignment(reader.alignment)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, data, qtype in writer_tensors:
+            writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return write_atomic(out, write, inputs=(template,))
+
+
+def read_gguf_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file dequantized to float32, by GGUF name, in numpy layout ([rows, columns]:
+    the reverse of GGUF's ne order; llama's q/k rows in llama.cpp's rotary order)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
+        tuple(int(s) for s in reversed(t.shape.tolist()))) for t in reader.tensors}
