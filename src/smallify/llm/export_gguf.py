@@ -7,8 +7,9 @@ llama.cpp's block formats store one (d, m) pair per 32 consecutive input channel
 A group of ``g`` input channels, ``g`` a multiple of 32 (per output channel: ``g`` = the row), is written by
 repeating its (d, m) in each of its blocks, with the twin's own integers: GPTQ/AWQ grids are kept, nothing is
 re-rounded. The only change is fp16 storage of d and m (relative rounding <= 2^-11 each, so a value moves by at
-most 2^-11 * (|d * u| + |m|)). 2/3/5/6/7 bits, asymmetric 8 bits and groups not a multiple of 32 have no exact
-llama.cpp type and are refused.
+most 2^-11 * (|d * u| + |m|): at most 1.5% of a grid step). A signed 4-bit grid whose zero points are not all 0
+is exact in Q4_1. 2/3/5/6/7 bits, asymmetric 8 bits and groups not a multiple of 32 have no exact llama.cpp
+type and are refused.
 
 GGUF holds the tokenizer and the hyper-parameters, so the writer needs the GGUF the model came from as its
 template: its metadata is copied, its tensor names and shapes are the checklist. A Hugging Face folder is first
@@ -34,9 +35,9 @@ from smallify.quant.primitives import IntFormat
 BLOCK = 32
 ACCEPTED = ("4-bit (Q4_0 sym / Q4_1 asym) or 8-bit sym (Q8_0) with group_size a multiple of 32 "
             "(or per output channel)")
-# architecture -> how its q/k rows are ordered in GGUF: "rotary" (llama.cpp's permutation) or None (as in HF).
-# These are the layouts transformers' GGUF loader reads back unchanged or un-permuted.
-ROW_ORDER = {"llama": "rotary", "qwen2": None, "qwen3": None}
+# GGUF architecture -> how its q/k rows are ordered: "rotary" (llama.cpp's permutation) or None (as in HF).
+# Both round-trip through transformers' GGUF loader (tested); other architectures are refused until tested.
+ROW_ORDER = {"llama": "rotary", "qwen2": None}
 FLOAT_TYPES = ("F16", "F32")
 PASS_THROUGH = ("rope_freqs.weight",)
 SET_BY_WRITER = ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version")      # template tensors that are constants, not model parameters
@@ -92,35 +93,44 @@ def pack_q8_0(v: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([_fp16(d, "scale"), v], axis=-1).reshape(rows, -1)
 
 
-def twin_blocks(twin: QuantTwin, name: str, rows: np.ndarray | None = None):
-    """(GGML type, bytes [out, in // 32 * block bytes]) of a twin's stored grid; ``rows``: a row order.
-    Refuses grids llama.cpp cannot hold exactly."""
-    import gguf
-
+def block_type(twin: QuantTwin, name: str) -> str:
+    """The GGML type that holds ``twin``'s grid exactly ('Q4_0', 'Q4_1', 'Q8_0'), or a ConfigError naming what
+    GGUF accepts. A signed 4-bit grid with zero points other than 0 is exact in Q4_1 too."""
     fmt, group = twin.spec.fmt, twin.spec.group_size
+    if twin._modules.get("input_quant") is not None:
+        raise ConfigError(f"{name} also quantizes its input (a static INT8 twin); GGUF holds weight-only grids: "
+                          f"accepted: {ACCEPTED}")
     if not isinstance(fmt, IntFormat) or fmt.bits not in (4, 8):
-        what = f"{fmt.bits}-bit" if isinstance(fmt, IntFormat) else f"{twin.spec.describe()}"
+        what = f"{fmt.bits}-bit" if isinstance(fmt, IntFormat) else twin.spec.describe()
         raise ConfigError(f"{name}: {what} weights have no exact GGUF block type; accepted: {ACCEPTED}")
+    cols = twin.weight.shape[1]
+    if (group or cols) % BLOCK:
+        raise ConfigError(f"{name}: group_size={group or cols} ({'groups' if group else 'per channel'}) has "
+                          f"no exact GGUF block type; accepted: {ACCEPTED}")
+    zero_at_half = bool((twin.weight_zero_point + (0 if fmt.signed else -2 ** (fmt.bits - 1)) == 0).all())
+    if fmt.bits == 8 and not zero_at_half:
+        raise ConfigError(f"{name}: asymmetric 8-bit weights (zero points other than 0) have no exact GGUF "
+                          f"block type; accepted: {ACCEPTED}")
+    return "Q8_0" if fmt.bits == 8 else "Q4_0" if zero_at_half else "Q4_1"
+
+
+def twin_blocks(twin: QuantTwin, name: str, rows: np.ndarray | None = None) -> tuple[str, np.ndarray]:
+    """(GGML type, bytes [out, in // 32 * block bytes]) of a twin's stored grid; ``rows``: a row order."""
+    qtype = block_type(twin, name)
+    fmt, group = twin.spec.fmt, twin.spec.group_size
     q, scale, zero = twin.stored()
     out, cols = q.shape
-    if (group or cols) % BLOCK:
-        raise ConfigError(f"{name}: group_size={group or cols} ({'per channel' if not group else 'groups'}) has "
-                          f"no exact GGUF block type; accepted: {ACCEPTED}")
     offset = 2 ** (fmt.bits - 1) if fmt.signed else 0     # the grid as unsigned integers u = q + offset
-    u = q.to(torch.int64).numpy() + offset
+    u = q.to(torch.int64).cpu().numpy() + offset
     d = block_params(scale, out, cols, group)
     zu = block_params(zero, out, cols, group) + offset
     if rows is not None:
         u, d, zu = u[rows], d[rows], zu[rows]
-    half = 2 ** (fmt.bits - 1)
-    if fmt.bits == 8:
-        if (zu != half).any():
-            raise ConfigError(f"{name}: asymmetric 8-bit weights (zero points other than 0) have no exact GGUF "
-                              f"block type; accepted: {ACCEPTED}")
-        return gguf.GGMLQuantizationType.Q8_0, pack_q8_0(u - half, d)
-    if (zu == half).all():
-        return gguf.GGMLQuantizationType.Q4_0, pack_q4_0(u, d)
-    return gguf.GGMLQuantizationType.Q4_1, pack_q4_1(u, d, -d * zu)
+    if qtype == "Q8_0":
+        return qtype, pack_q8_0(u - 128, d)
+    if qtype == "Q4_0":
+        return qtype, pack_q4_0(u, d)
+    return qtype, pack_q4_1(u, d, -d * zu)
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -158,6 +168,40 @@ def _model_tensors(model: nn.Module, name_map, arch: str) -> dict[str, tuple[str
     return found
 
 
+def _check_template(reader, model: nn.Module, template: Path) -> tuple[str, int, int, int]:
+    """(architecture, blocks, heads, KV heads) of the template, checked against the model's config."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ROW_ORDER:
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported; accepted: {', '.join(ROW_ORDER)}")
+    n_blocks = int(_field(reader, f"{arch}.block_count"))
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    cfg = getattr(model, "config", None)
+    for key, value in (("num_hidden_layers", n_blocks), ("num_attention_heads", n_head),
+                       ("num_key_value_heads", n_head_kv)):
+        if getattr(cfg, key, value) != value:
+            raise ModelError(f"model {key}={getattr(cfg, key)} but template {template.name} has {value}; "
+                             "give the GGUF this model was loaded from")
+    return arch, n_blocks, n_head, n_head_kv
+
+
+def _tensor_names(found: dict, shapes: dict, template: Path) -> list[str]:
+    """The template's tensors, plus output.weight for an lm_head untied from the embedding (e.g. a twin);
+    every one must come from the model (or be a constant such as rope_freqs), and every model tensor go in."""
+    names = list(shapes)
+    head, embd = found.get("output.weight"), found.get("token_embd.weight")
+    if "output.weight" not in shapes and head is not None and embd is not None and \
+            getattr(head[1], head[2]) is not getattr(embd[1], embd[2]):
+        names.append("output.weight")
+    missing = [n for n in names if n not in found and n not in PASS_THROUGH]
+    extra = [found[n][0] for n in found if n not in names and n != "output.weight"]
+    if missing or extra:
+        raise ModelError(f"model and template {template.name} disagree: "
+                         + (f"template tensor {missing[0]} has no model parameter" if missing
+                            else f"model parameter {extra[0]} has no tensor in the template"))
+    return names
+
+
 def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathLike | None = None, *,
               float_type: str = "F16", force: bool = False) -> Path:
     """Write ``model`` (a transformers causal LM whose Linears are smallify twins) as a GGUF file at ``out``.
@@ -168,7 +212,8 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
     of its tensors is written, under its name and shape, from the model: twins as Q4_0 / Q4_1 / Q8_0 packed
     from their stored integers, other matrices as ``float_type`` ('F16' or 'F32'; a quantized token_embd of
     the template is written float, as the model holds it), vectors (norms, biases) as F32. An lm_head not tied
-    to the embedding is added as output.weight. ``force``: overwrite an existing ``out``."""
+    to the embedding is added as output.weight. ``force``: overwrite an existing ``out``. Architectures:
+    llama (q/k rows in llama.cpp's rotary order) and qwen2."""
     import gguf
 
     if template is None:
@@ -179,49 +224,28 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
     template, out = Path(template), Path(out)
     if out.exists() and not force:
         raise OutputError(f"{out} exists; pass force=True to overwrite it, or give another name")
+    for name, m in model.named_modules():               # refuse a grid before any long work
+        if isinstance(m, QuantTwin) and m.spec.fmt is not None:
+            block_type(m, f"{name}.weight")
     if not template.is_file():
         raise ModelError(f"template {template} is not a file; give the GGUF the model was loaded from")
     stat = template.stat()
     reader = _open_template(template.resolve(), stat.st_mtime_ns, stat.st_size)
-    arch = _field(reader, "general.architecture")
-    if arch not in ROW_ORDER:
-        raise ConfigError(f"GGUF architecture {arch!r} is not supported; accepted: {', '.join(ROW_ORDER)}")
+    arch, n_blocks, n_head, n_head_kv = _check_template(reader, model, template)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    n_blocks = int(_field(reader, f"{arch}.block_count"))
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
-    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
-    cfg = getattr(model, "config", None)
-    for key, value in (("num_hidden_layers", n_blocks), ("num_attention_heads", n_head),
-                       ("num_key_value_heads", n_head_kv)):
-        if getattr(cfg, key, value) != value:
-            raise ModelError(f"model {key}={getattr(cfg, key)} but template {template.name} has {value}; "
-                             "give the GGUF this model was loaded from")
     found = _model_tensors(model, gguf.get_tensor_name_map(arch_id, n_blocks), arch)
-
     shapes = {t.name: tuple(int(s) for s in reversed(t.shape.tolist())) for t in reader.tensors}
-    names = list(shapes)
-    head, embd = found.get("output.weight"), found.get("token_embd.weight")
-    if "output.weight" not in shapes and head is not None and embd is not None and \
-            getattr(head[1], head[2]) is not getattr(embd[1], embd[2]):
-        names.append("output.weight")                      # an lm_head untied from the embedding (e.g. a twin)
-    missing = [n for n in names if n not in found and n not in PASS_THROUGH]
-    extra = [found[n][0] for n in found if n not in names and n != "output.weight"]
-    if missing or extra:
-        raise ModelError(f"model and template {template.name} disagree: "
-                         + (f"template tensor {missing[0]} has no model parameter" if missing
-                            else f"model parameter {extra[0]} has no tensor in the template"))
 
-    writer_tensors, counts = [], {}
-    for name in names:
-        if name not in found:
+    tensors, counts = [], {}
+    for name in _tensor_names(found, shapes, template):
+        if name not in found:                           # a constant of the template (rope_freqs): as it is
             t = next(t for t in reader.tensors if t.name == name)
-            writer_tensors.append((name, np.array(t.data), t.tensor_type))
+            tensors.append((name, np.array(t.data), t.tensor_type))
             continue
         hf, module, pname = found[name]
         rows = None
         if ROW_ORDER[arch] == "rotary" and (".attn_q." in name or ".attn_k." in name):
-            heads = n_head if ".attn_q." in name else n_head_kv
-            rows = rotary_rows(getattr(module, pname).shape[0], heads)
+            rows = rotary_rows(getattr(module, pname).shape[0], n_head if ".attn_q." in name else n_head_kv)
         if isinstance(module, QuantTwin) and pname == "weight" and module.spec.fmt is not None:
             qtype, data = twin_blocks(module, hf, rows)
             shape = tuple(module.weight.shape)
@@ -229,18 +253,13 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
         else:
             w = getattr(module, pname).detach().float().cpu().numpy()
             w = w[rows] if rows is not None else w
-            ftype = float_type if w.ndim > 1 else "F32"
-            data = w.astype(np.float16 if ftype == "F16" else np.float32)
-            qtype, shape = gguf.GGMLQuantizationType[ftype], w.shape
+            qtype = float_type if w.ndim > 1 else "F32"
+            data, shape = w.astype(np.float16 if qtype == "F16" else np.float32), w.shape
         if name in shapes and shapes[name] != shape:
             raise ModelError(f"{hf} has shape {list(shape)} but template tensor {name} has {list(shapes[name])}")
-        writer_tensors.append((name, data, qtype))
-
-    file_type = {gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-                 gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-                 gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}.get(
-        max(counts, key=counts.get) if counts else None,
-        gguf.LlamaFileType.MOSTLY_F16 if float_type == "F16" else gguf.LlamaFileType.ALL_F32)
+        tensors.append((name, data, gguf.GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype))
+    major = max(counts, key=counts.get) if counts else ("MOSTLY_F16" if float_type == "F16" else "ALL_F32")
+    file_type = gguf.LlamaFileType[major if major.startswith(("MOSTLY", "ALL")) else f"MOSTLY_{major}"]
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -253,7 +272,7 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
             writer.add_custom_alignment(reader.alignment)
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for name, data, qtype in writer_tensors:
+        for name, data, qtype in tensors:
             writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
