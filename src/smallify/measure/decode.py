@@ -10,6 +10,10 @@ file in its own fresh process, files taken in turn; ``python -m smallify.measure
 with the CPU line. This module imports only the standard library at module level: the child process runs this
 file by path and imports just the runtime it times (llama_cpp, or torch and transformers).
 
+Threads: llama.cpp's threads meet at a spinning barrier after every op, so on a machine busier than its cores
+one descheduled thread stalls the others (SmolLM2-135M Q4_1 on 2 shared cores at load ~8: 47 tokens/s with
+1 thread, 1.5 with 2); time with more threads only on a quiet machine, and say the load with the numbers.
+
 Prefill rate = prompt tokens / time to the first new token; decode rate = (new tokens - 1) / time from the
 first new token to the last (each of those costs one forward pass of one token with the KV cache).
 """
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RUNTIMES = ("llama.cpp", "transformers")
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f")          # the x86 extensions llama.cpp's CPU kernels pick by
 INSTALL_LLAMA_CPP = ("pip install llama-cpp-python (builds llama.cpp from source: needs cmake and a C++ "
                      "compiler; CMAKE_ARGS=\"-DGGML_NATIVE=ON\" for this CPU's kernels)")
 # a fixed English prompt, tokenized by the model's own tokenizer and cut (or repeated) to the asked length
@@ -267,16 +272,17 @@ def bench_decode(models: dict[str, tuple[str, str | os.PathLike]], threads: int 
 def format_table(results: list[DecodeResult], base: str | None = None) -> str:
     """A text table with the CPU line; ``x base`` = decode rate / the decode rate of label ``base`` (default:
     the first row)."""
-    from smallify.measure.machine import cpu_summary
+    from smallify.measure.machine import cpu_flags, cpu_summary
 
     ref = next((r for r in results if r.label == base), results[0]).decode_tokens_per_s
-    r0 = results[0]
-    lines = [cpu_summary(), f"{r0.new_tokens} new tokens after a {r0.prompt_tokens}-token prompt, greedy, "
+    r0, flags = results[0], cpu_flags()
+    lines = [cpu_summary() + "; " + ", ".join(f"{f.upper()} {'yes' if f in flags else 'no'}" for f in KERNEL_FLAGS), f"{r0.new_tokens} new tokens after a {r0.prompt_tokens}-token prompt, greedy, "
                             f"{r0.threads} thread(s), median of {len(r0.decode_runs)} generation(s), one process per model",
-             f"{'model':<28} {'runtime':<13} {'decode tok/s':>12} {'prefill tok/s':>13} {'x base':>7}"]
+             f"{'model':<28} {'runtime':<13} {'decode tok/s':>12} {'(min-max)':>13} {'prefill tok/s':>13} {'x base':>7}"]
     for r in results:
-        lines.append(f"{r.label:<28} {r.runtime:<13} {r.decode_tokens_per_s:>12.1f} {r.prefill_tokens_per_s:>13.1f} "
-                     f"{r.decode_tokens_per_s / ref:>7.2f}")
+        spread = f"{min(r.decode_runs):.1f}-{max(r.decode_runs):.1f}"
+        lines.append(f"{r.label:<28} {r.runtime:<13} {r.decode_tokens_per_s:>12.1f} {spread:>13} "
+                     f"{r.prefill_tokens_per_s:>13.1f} {r.decode_tokens_per_s / ref:>7.2f}")
     return "\n".join(lines)
 
 
