@@ -151,7 +151,8 @@ def onnx_ppl(path: Path, windows: torch.Tensor) -> float:
 # ---- rows ------------------------------------------------------------------------------------------------------
 
 def row_fp32(args, model, tok, out: Path) -> dict:
-    from safetensors.torch import save_model      # save_pretrained refuses a model loaded from GGUF
+    """Its safetensors file (safetensors' save_model: save_pretrained refuses a model loaded from GGUF)."""
+    from safetensors.torch import save_model
 
     save_model(model, str(out / "fp32.safetensors"))
     return {"size_bytes": dir_size(out / "fp32.safetensors"), "size_source": "safetensors (tied head stored once)"}
@@ -237,10 +238,21 @@ def row_onnx_export(args, model, tok, out: Path) -> dict:
             "size_source": "FP32 ONNX export"}
 
 
+def float_matmuls(model) -> list[str]:
+    """MatMul nodes that stay float: the LM head (kept float in every row) and every MatMul that is not a Linear
+    layer (no 2-D initializer as its weight: attention scores, rotary constants), which Neural Compressor's
+    RTN/k-quant would otherwise try to quantize (and crash on)."""
+    shapes = {t.name: len(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul"
+            and ("lm_head" in n.name or len(n.input) < 2 or shapes.get(n.input[1]) != 2)]
+
+
 def row_ort(args, out: Path) -> dict:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)     # one INFO line per graph node otherwise
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)
     bits, group, sym = parse_setting(args.setting)
     src = Path(args.work) / ONNX_NAME
     if bits not in (2, 4, 8):
@@ -248,8 +260,8 @@ def row_ort(args, out: Path) -> dict:
     if args.row in ("ort-rtn", "ort-gptq", "ort-kquant") and bits != 4:
         raise NotOffered("its RTN/GPTQ/k-quant (Intel Neural Compressor) paths write 4 bits only")
     model = onnx.load(str(src))
-    heads = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]   # kept float,
-    if args.row == "ort-rtn":                                                                     # as every row
+    keep_float = float_matmuls(model)
+    if args.row == "ort-rtn":
         config = mnq.RTNWeightOnlyQuantConfig()
     elif args.row == "ort-kquant":
         config = mnq.KQuantWeightOnlyQuantConfig()
@@ -270,14 +282,14 @@ def row_ort(args, out: Path) -> dict:
 
         config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=group)
     t0 = time.perf_counter()
-    quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=group, is_symmetric=sym, nodes_to_exclude=heads,
+    quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=group, is_symmetric=sym, nodes_to_exclude=keep_float,
                                      algo_config=config)
     quant.process()
     path = out / "model.onnx"
     quant.model.save_model_to_file(str(path), use_external_data_format=False)
     seconds = time.perf_counter() - t0
     return {"quantize_s": seconds, "size_bytes": dir_size(out), "size_source": "its .onnx file",
-            "onnx": path, "lm_head_excluded": heads}
+            "onnx": path, "kept_float": len(keep_float)}
 
 
 def load_tokenizer_only():
@@ -323,11 +335,12 @@ def run_row(args) -> dict:
         return result
     except NotOffered as e:
         result["error"] = f"not offered: {e}"
-    except Exception as e:                    # a peer's crash is a result of the row; the benchmark goes on
+    except Exception as e:  # noqa: BLE001 - a peer's crash is a result of the row; the benchmark goes on
         import traceback
 
         traceback.print_exc()
-        result["error"] = f"crashed: {first_line(e)}"
+        refused = "NotSupported" in type(e).__name__       # e.g. nncf's ParameterNotSupportedError
+        result["error"] = f"{'not offered' if refused else 'crashed'}: {first_line(e)}"
     finally:
         shutil.rmtree(out, ignore_errors=True)
     result.pop("model", None)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _llm_rows import ONNX_NAME, ORT, ROWS, parse_setting  # noqa: E402
+from _llm_rows import ONNX_NAME, ORT, ROWS, parse_setting
 
 SETTINGS = ("4bit-g64-asym", "3bit-g64-asym", "4bit-g32-asym")
 LABELS = {"fp32": "FP32", "rtn": "smallify RTN", "datafree": "smallify DataFree", "gptq": "smallify GPTQ",
@@ -66,7 +66,7 @@ def run_one(setting: str, row: str, args, work: Path) -> dict:
         cmd = [sys.executable, str(HERE / "_llm_rows.py"), "--row", row, "--setting", setting,
                "--eval-tokens", str(args.eval_tokens), "--calib-samples", str(args.calib_samples),
                "--work", str(work), "--result", str(result), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd)
+        proc = subprocess.run(cmd, check=False)
         if proc.returncode == 0 and result.exists():
             return json.loads(result.read_text())
         return {"error": f"crashed: the row's process exited with status {proc.returncode} and no result"}
