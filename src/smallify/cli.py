@@ -60,12 +60,25 @@ def _smooth(value: str):
 
 @app.command()
 def quantize(
-    input: Path = typer.Argument(..., help="float ONNX model (.onnx)"),
-    out: Path = typer.Option(..., "--out", help="where to write the quantized ONNX model"),
+    input: Path = typer.Argument(..., help="float ONNX model (.onnx), or a language model: a Hugging Face "
+                                 "folder or a .gguf file"),
+    out: Path = typer.Option(..., "--out", help="where to write the quantized model (ONNX file; for a language "
+                             "model a Hugging Face folder, a .gguf or a .smallify file, see --format)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz with one array per model input (samples on "
-                                         "axis 0); needed by int8, fp8 and mixed"),
+                                         "axis 0); needed by int8, fp8 and mixed. Language models: calibration "
+                                         "text (.txt, or .jsonl with a 'text' field) for gptq and awq"),
     method: str = typer.Option("int8", "--method", help="int8 (static W8A8, default) | dynamic (int8 weights, activations quantized at run time) | fp8 | weight-only | fp16 | "
-                               "bf16 | mixed (per-layer bits chosen to meet --max-drop)"),
+                               "bf16 | mixed (per-layer bits chosen to meet --max-drop). Language models: gptq "
+                               "(default) | awq | awq+gptq | datafree (alias hqq: no calibration text) | rtn"),
+    fmt: str = typer.Option("hf", "--format", help="language models: hf (Hugging Face folder, compressed-tensors "
+                            "pack-quantized) | gguf (llama.cpp; needs a .gguf input) | smallify"),
+    sym: bool = typer.Option(False, "--sym/--asym", help="language models: signed grid with zero point 0 (Q4_0) or "
+                             "a zero point per group (Q4_1, default)"),
+    lm_head: bool = typer.Option(False, "--lm-head/--no-lm-head", help="language models: quantize the output "
+                                 "projection too (8-bit; untied from the embedding)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="language models: calibration windows (32)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="language models: tokens per window (512)"),
+    force: bool = typer.Option(False, "--force", help="language models: replace an existing output"),
     bits: Optional[int] = typer.Option(None, "--bits", help="weight bits, 2..8 (int8: 8; weight-only: 4)"),
     group_size: Optional[str] = typer.Option(None, "--group-size", help="weights per scale group: an integer, auto, or "
                                    "none (per output channel); weight-only defaults to auto"),
@@ -94,11 +107,26 @@ def quantize(
                                      "float model in ONNX Runtime (each in its own process, batch 1 and 32) and say "
                                      "whether it is faster on this CPU"),
 ):
-    """Quantize an ONNX model (INT8 QDQ by default, calibrating activations on CALIB)."""
+    """Quantize an ONNX model (INT8 QDQ by default, calibrating activations on CALIB), or the weights of a
+    language model (GPTQ by default, calibrating on the text in CALIB)."""
     from smallify.api import quantize as quantize_verb
+    from smallify.llm.load import is_llm_source
     from smallify.quant import config as qc
     from smallify.quant.mixed import MixedPrecision
 
+    if is_llm_source(input):
+        from smallify.llm import cli as llm_cli
+
+        try:
+            config = llm_cli.make_config(method, bits, _group(group_size or "auto"), sym, lm_head, samples, seq_len,
+                                         tuple(skip))
+            typer.echo(llm_cli.quantize_llm_command(input, out, config, calib, fmt, force, sys.stderr.isatty()))
+        except SmallifyError as e:
+            _fail(str(e))
+        from smallify.measure import file_size, format_bytes
+
+        typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
+        return
     try:
         if max_drop is not None or size_budget is not None:
             if method not in ("int8", "mixed"):

@@ -89,17 +89,22 @@ class RTN(LLMWeightOnly):
 class DataFree(LLMWeightOnly):
     """No calibration data: per group, the grid's range is searched (``grid`` shrink factors of the min-max
     range, each side) for the least squared weight error, then scale and zero point are refitted by least
-    squares on the rounded integers ``refits`` times (the k-quant idea); the best seen is kept."""
+    squares on the rounded integers ``refits`` times (the k-quant idea); the best seen is kept.
+    ``importance``: 'magnitude' weighs each weight's error by |w| + the group's RMS (llama.cpp's k-quant
+    weighting), so that the large weights an LLM depends on are not clipped; None: plain squared error."""
 
     kind = "llm_datafree"
     method = "datafree"
     grid: int = 20
     refits: int = 4
+    importance: str | None = "magnitude"
 
     def __post_init__(self):
         super().__post_init__()
         _positive_int("grid", self.grid)
         _positive_int("refits", self.refits, 0)
+        if self.importance not in (None, "magnitude"):
+            raise ConfigError(f"importance={self.importance!r} is not supported; accepted: 'magnitude' or None")
 
 
 @dataclasses.dataclass

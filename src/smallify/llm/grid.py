@@ -43,11 +43,13 @@ def dequantize_groups(q3: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
     return (q3 - zero[..., None]) * scale[..., None]
 
 
-def group_error(d3: torch.Tensor, hessian_blocks: torch.Tensor | None) -> torch.Tensor:
-    """Error of each group (O, G) from the weight difference d3 (O, G, g): the sum of squares, or with the
-    input second moments ``hessian_blocks`` (G, g, g) = X_g^T X_g the output error ||X_g d_g||^2 exactly."""
+def group_error(d3: torch.Tensor, hessian_blocks: torch.Tensor | None,
+                importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Error of each group (O, G) from the weight difference d3 (O, G, g): the sum of squares (weighted by
+    ``importance`` (O, G, g) when given), or with the input second moments ``hessian_blocks`` (G, g, g) =
+    X_g^T X_g the output error ||X_g d_g||^2 exactly."""
     if hessian_blocks is None:
-        return d3.pow(2).sum(-1)
+        return (d3.pow(2) * importance).sum(-1) if importance is not None else d3.pow(2).sum(-1)
     return torch.einsum("ogi,gij,ogj->og", d3, hessian_blocks, d3)
 
 
@@ -57,49 +59,60 @@ def minmax(w: torch.Tensor, fmt: IntFormat, group: int | None) -> tuple[torch.Te
     return range_params(w3.amin(-1), w3.amax(-1), fmt)
 
 
+def magnitude_importance(w3: torch.Tensor) -> torch.Tensor:
+    """Data-free importance of each weight: |w| + the group's RMS (llama.cpp's k-quant weighting): the error
+    of large weights counts more, so the search does not clip the outliers an LLM depends on."""
+    return w3.abs() + w3.pow(2).mean(-1, keepdim=True).sqrt()
+
+
 def search(w: torch.Tensor, fmt: IntFormat, group: int | None, steps: int = 20, min_shrink: float = 0.5,
-           hessian_blocks: torch.Tensor | None = None, refits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+           hessian_blocks: torch.Tensor | None = None, refits: int = 0,
+           importance: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the range [lo, hi] * r for r in ``steps`` points from 1 down to ``min_shrink`` with the least
     error (``group_error``: squared, or output error with ``hessian_blocks``); then ``refits`` rounds of least
     squares: with the integers fixed, the zero point (rounded) and then the scale that minimise the squared
     error, re-rounding in between; every candidate is kept only where it lowers a group's error."""
     w = w.float()
     w3 = groups_of(w, group)
+    imp = magnitude_importance(w3) if importance == "magnitude" else None
     lo, hi = w3.amin(-1), w3.amax(-1)
     best_s, best_z = range_params(lo, hi, fmt)
     best_err = group_error(w3 - dequantize_groups(quantize_groups(w3, best_s, best_z, fmt), best_s, best_z),
-                           hessian_blocks)
+                           hessian_blocks, imp)
     for r in torch.linspace(1.0, min_shrink, max(steps, 1))[1:].tolist():
         s, z = range_params(lo * r, hi * r, fmt)
-        err = group_error(w3 - dequantize_groups(quantize_groups(w3, s, z, fmt), s, z), hessian_blocks)
+        err = group_error(w3 - dequantize_groups(quantize_groups(w3, s, z, fmt), s, z), hessian_blocks, imp)
         better = err < best_err
         best_s, best_z, best_err = torch.where(better, s, best_s), torch.where(better, z, best_z), \
             torch.minimum(err, best_err)
     s, z = best_s, best_z
     for _ in range(refits):
         q3 = quantize_groups(w3, s, z, fmt)
-        s, z = _refit(w3, q3, s, z, fmt)
-        err = group_error(w3 - dequantize_groups(quantize_groups(w3, s, z, fmt), s, z), hessian_blocks)
+        s, z = _refit(w3, q3, s, z, fmt, imp)
+        err = group_error(w3 - dequantize_groups(quantize_groups(w3, s, z, fmt), s, z), hessian_blocks, imp)
         better = err < best_err
         best_s, best_z, best_err = torch.where(better, s, best_s), torch.where(better, z, best_z), \
             torch.minimum(err, best_err)
     return best_s, best_z
 
 
-def _refit(w3: torch.Tensor, q3: torch.Tensor, s: torch.Tensor, z: torch.Tensor, fmt: IntFormat):
-    """Least squares w ~ s * (q - z) for fixed integers q: the affine fit w ~ a*q + b gives s = a and the zero
-    point z = round(-b / a) (kept on the grid; 0 on a signed grid), then s is refitted for that z."""
+def _refit(w3: torch.Tensor, q3: torch.Tensor, s: torch.Tensor, z: torch.Tensor, fmt: IntFormat,
+           imp: torch.Tensor | None = None):
+    """(Weighted) least squares w ~ s * (q - z) for fixed integers q: the affine fit w ~ a*q + b gives s = a
+    and the zero point z = round(-b / a) (kept on the grid; 0 on a signed grid), then s is refitted for z."""
+    c_w = torch.ones_like(w3) if imp is None else imp
     if not fmt.signed:
-        qm, wm = q3.mean(-1, keepdim=True), w3.mean(-1, keepdim=True)
-        var = (q3 - qm).pow(2).sum(-1)
-        a = ((q3 - qm) * (w3 - wm)).sum(-1) / var.clamp_min(1e-12)
+        tot = c_w.sum(-1, keepdim=True)
+        qm, wm = (c_w * q3).sum(-1, keepdim=True) / tot, (c_w * w3).sum(-1, keepdim=True) / tot
+        var = (c_w * (q3 - qm).pow(2)).sum(-1)
+        a = (c_w * (q3 - qm) * (w3 - wm)).sum(-1) / var.clamp_min(1e-12)
         b = wm.squeeze(-1) - a * qm.squeeze(-1)
         ok = (var > 0) & (a > 0)
         z_new = torch.clamp(torch.round(-b / torch.where(ok, a, torch.ones_like(a))), fmt.qmin, fmt.qmax)
         z = torch.where(ok, z_new.to(torch.int32), z)
     c = q3 - z[..., None]
-    den = c.pow(2).sum(-1)
-    s_new = (w3 * c).sum(-1) / den.clamp_min(1e-12)
+    den = (c_w * c.pow(2)).sum(-1)
+    s_new = (c_w * w3 * c).sum(-1) / den.clamp_min(1e-12)
     s = torch.where((den > 0) & (s_new > 0), s_new, s)
     return s.float(), z
 

@@ -52,17 +52,13 @@ def make_twin(m: nn.Module, spec: qmod.WeightSpec, q: torch.Tensor, scale: torch
 def _fit_data_free(w: torch.Tensor, config: LLMWeightOnly, fmt, group: int | None):
     if isinstance(config, RTN):
         return grid.minmax(w, fmt, group)
-    return grid.search(w, fmt, group, steps=getattr(config, "grid", 20), refits=getattr(config, "refits", 4))
+    return grid.search(w, fmt, group, steps=config.grid, refits=config.refits, importance=config.importance)
 
 
 def _windows(data, tokenizer, config: LLMWeightOnly) -> torch.Tensor:
     if data is None:
         raise DataError(f"{type(config).__name__} calibrates on text: pass data= (a list of strings, a .txt or "
                         ".jsonl path, or token ids [N, T]) and tokenizer=; RTN and DataFree need no data")
-    if isinstance(data, torch.Tensor) and data.dtype in (torch.int64, torch.int32) and data.ndim == 2 \
-            and data.shape[1] >= config.seq_len:
-        n = min(config.samples, data.shape[0])
-        return data[:n, :config.seq_len].long()
     from smallify.llm.text import calibration_windows
 
     return calibration_windows(data, tokenizer, config.samples, config.seq_len)
@@ -86,9 +82,9 @@ def _collect(block: nn.Module, layers: dict[str, nn.Module], batches: list[Captu
                 return
             seen[ptr] = (name, x)
             groups.setdefault(name, [name])
-            x2 = x.detach().reshape(-1, x.shape[-1]).double()
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
             h, a, n = stats.setdefault(name, [0.0, 0.0, 0])
-            stats[name] = [h + x2.T @ x2, a + x2.abs().sum(0), n + x2.shape[0]]
+            stats[name] = [h + (x2.T @ x2).double(), a + x2.abs().sum(0).double(), n + x2.shape[0]]
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
@@ -205,8 +201,8 @@ def quantize_llm(model: nn.Module, config: LLMWeightOnly, data=None, tokenizer=N
                             s, z = grid.minmax(w, fmt, group)
                             return grid.dequantize(grid.integers(w, s, z, fmt, group), s, z, group)
 
-                        hf = h.float()
-                        s, _, _ = awq_math.search_scale(weights, hf, x_mean, rtn, getattr(config, "grid", 20))
+                        with one_thread():
+                            s, _, _ = awq_math.search_scale(weights, h.float(), x_mean, rtn, getattr(config, "grid", 20))
                         awq_math.fold(block, producers[key], members, s)
                         h = h / s.double()[:, None] / s.double()[None, :]
                 for n in members:
@@ -227,8 +223,27 @@ def quantize_llm(model: nn.Module, config: LLMWeightOnly, data=None, tokenizer=N
     return model
 
 
+class one_thread:
+    """Torch on one thread inside: GPTQ's column loop and the grid searches are thousands of small ops, which
+    two threads slow down (measured on a busy 2-core machine: a 1536 x 576 GPTQ layer 44 s on two threads,
+    0.5 s on one)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
 def _quantize_layer(block: nn.Module, name: str, m: nn.Module, config: LLMWeightOnly,
                     h: torch.Tensor | None) -> qmod.WeightSpec:
+    with one_thread():
+        return _quantize_layer_math(block, name, m, config, h)
+
+
+def _quantize_layer_math(block: nn.Module, name: str, m: nn.Module, config: LLMWeightOnly,
+                         h: torch.Tensor | None) -> qmod.WeightSpec:
     w = weight_view(m).detach().float()
     spec, group = config.spec(w.shape[1])
     fmt = spec.fmt

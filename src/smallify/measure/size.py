@@ -6,8 +6,11 @@ from pathlib import Path
 
 
 def file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file (plus its ONNX external-data file, if any, named ``<file>.data``)."""
+    """Bytes on disk of a model file (plus its ONNX external-data file, if any, named ``<file>.data``), or of
+    every file in a model folder (a Hugging Face checkpoint)."""
     path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     extra = path.with_name(path.name + ".data")
     return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
 
