@@ -207,8 +207,13 @@ def row_nncf(args, model, tok, out: Path) -> dict:
     t0 = time.perf_counter()
     calib = calib_windows(tok, args.calib_samples)
     dataset = nncf.Dataset([{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in calib])
-    model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, mode), group_size=group, ratio=1.0,
-                                  dataset=dataset, backup_mode=nncf.BackupMode.NONE, **NNCF[args.row])
+    try:
+        model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, mode), group_size=group,
+                                      ratio=1.0, dataset=dataset, backup_mode=nncf.BackupMode.NONE, **NNCF[args.row])
+    except Exception as e:
+        if note is None:
+            raise
+        raise RuntimeError(f"{note}; {first_line(e)}") from e      # the row says which mode crashed
     torch.save(model.state_dict(), out / "nncf.pt")       # written only: never loaded back here
     seconds = time.perf_counter() - t0
     result = {"quantize_s": seconds, "size_bytes": dir_size(out / "nncf.pt"),

@@ -69,7 +69,9 @@ def run_one(setting: str, row: str, args, work: Path) -> dict:
         proc = subprocess.run(cmd, check=False)
         if proc.returncode == 0 and result.exists():
             return json.loads(result.read_text())
-        return {"error": f"crashed: the row's process exited with status {proc.returncode} and no result"}
+        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else \
+            f"exited with status {proc.returncode}"
+        return {"error": f"crashed: the row's process {how} and left no result"}
 
 
 def fmt(value, spec: str) -> str:
