@@ -5,7 +5,10 @@ quantization keeps a checkpoint folder beside the output (``OUT.partial``) so th
 again after a kill resumes after the last finished block, and the output is written atomically."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from smallify.errors import ConfigError, OutputError
@@ -32,15 +35,41 @@ def make_config(method: str, bits: int | None, group_size, sym: bool, lm_head: b
     return METHODS[method](**fields)
 
 
-def check_output(out: Path, fmt: str, force: bool) -> None:
+def _holds(out: Path, source: Path) -> bool:
+    """Whether replacing ``out`` would overwrite or delete ``source`` (the same path, or a folder holding it)."""
+    out, source = out.resolve(), source.resolve()
+    return out == source or out in source.parents
+
+
+def check_output(out: Path, fmt: str, force: bool, source: Path | None = None) -> None:
+    """Refuse, before any work, an output that cannot be written or would replace the input; an existing one
+    unless ``force``."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not supported; accepted: {', '.join(FORMATS)}")
+    if source is not None and _holds(out, source):
+        raise OutputError(f"--out {out} is the input {source} or a folder holding it; smallify never overwrites "
+                          "its input: give another --out")
     if fmt == "hf":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"--out {out} is a file; --format hf writes a folder: give a new or empty folder")
+        if out.is_dir() and any(out.iterdir()) and not force:
             raise OutputError(f"{out} exists and is not an empty folder; pass --force to replace it, or give "
                               "another --out")
+    elif out.is_dir():
+        raise OutputError(f"--out {out} is a folder; --format {fmt} writes one file: give a file name such as "
+                          f"{out / ('model.' + fmt)}")
     elif out.exists() and not force:
         raise OutputError(f"{out} exists; pass --force to overwrite it, or give another --out")
+    parent = out.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: folder {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: creating a file in {parent} failed ({e.strerror or e}); give an "
+                          "--out in a folder you can write") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_gguf_grid(config) -> None:
@@ -54,13 +83,28 @@ def check_gguf_grid(config) -> None:
                           f"exact GGUF block type; accepted: {ACCEPTED} (or --format hf / smallify)")
 
 
+@contextlib.contextmanager
+def _loading_bars(progress: bool):
+    """transformers' 'Loading weights' bar only where progress is shown (a refusal is then one line on stderr)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def quantize_llm_command(source: Path, out: Path, config, calib: Path | None, fmt: str, force: bool,
                          progress: bool) -> str:
     """Load, quantize (resumable), write; returns the lines to print."""
     import smallify as sm
     from smallify.llm.load import load_causal_lm
 
-    check_output(out, fmt, force)
+    check_output(out, fmt, force, source)
     if fmt == "gguf":
         if source.suffix.lower() != ".gguf":
             raise ConfigError("--format gguf needs a .gguf input (its tokenizer and metadata are copied); convert a "
@@ -74,7 +118,8 @@ def quantize_llm_command(source: Path, out: Path, config, calib: Path | None, fm
         from smallify.llm.text import read_texts
 
         data = read_texts(calib)
-    model, tokenizer, _ = load_causal_lm(source)
+    with _loading_bars(progress):
+        model, tokenizer, _ = load_causal_lm(source)
     partial = out.with_name(out.name + ".partial")
     model = sm.quantize(model, config, data=data, tokenizer=tokenizer, progress=progress,
                         checkpoint=partial if config.uses_data else None)
