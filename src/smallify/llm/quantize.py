@@ -131,7 +131,7 @@ class Checkpoint:
                 qmod.replace_module(block, name, qmod.lookup(m).from_float(m, _spec_from(info, name)))
             block.load_state_dict(load_file(str(self.folder / f"block_{i:04d}.safetensors")))
         if self.done and batches:
-            hidden = load_file(str(self.folder / "hidden.safetensors"))
+            hidden = load_file(str(self.folder / self.state.get("hidden", "hidden.safetensors")))
             for j, b in enumerate(batches):
                 b.hidden = hidden[str(j)]
 
@@ -142,13 +142,18 @@ class Checkpoint:
 
         state = {k: v.detach().contiguous().clone() for k, v in block.state_dict().items()}
         files.write_atomic(self.folder / f"block_{i:04d}.safetensors", lambda tmp: save_file(state, tmp))
-        if batches:
+        if batches:     # a new file per block: the one progress.json names stays valid until it is replaced
             hidden = {str(j): b.hidden.contiguous() for j, b in enumerate(batches)}
-            files.write_atomic(self.folder / "hidden.safetensors", lambda tmp: save_file(hidden, tmp))
+            name = f"hidden_{i:04d}.safetensors"
+            files.write_atomic(self.folder / name, lambda tmp: save_file(hidden, tmp))
+            self.state["hidden"] = name
         self.state["layers"][str(i)] = {n: _spec_dict(s) for n, s in specs.items()}
         self.state["done"] = i + 1
         text = json.dumps(self.state)
         files.write_atomic(self.folder / "progress.json", lambda tmp: Path(tmp).write_text(text))
+        for old in self.folder.glob("hidden_*.safetensors"):
+            if old.name != self.state.get("hidden"):
+                old.unlink(missing_ok=True)
 
 
 def _fingerprint(model: nn.Module, config: LLMWeightOnly, windows: torch.Tensor | None) -> str:
