@@ -235,18 +235,18 @@ def test_a_killed_run_resumes_after_the_last_finished_block(llama, tmp_path, mon
     config = GPTQ(bits=4, group_size=32, samples=16, seq_len=64)
     whole = run(model, config)
     calls = {"n": 0}
-    real = llm_quantize._quantize_layer
+    real = llm_quantize._gptq_group
 
-    def dies_in_block_1(block, name, m, cfg, h):
-        if block is not None and calls["n"] >= 7:
+    def dies_in_block_1(*args):
+        if calls["n"] >= 4:                       # 4 groups per block: q/k/v, o, gate/up, down
             raise KeyboardInterrupt
         calls["n"] += 1
-        return real(block, name, m, cfg, h)
+        return real(*args)
 
-    monkeypatch.setattr(llm_quantize, "_quantize_layer", dies_in_block_1)
+    monkeypatch.setattr(llm_quantize, "_gptq_group", dies_in_block_1)
     with pytest.raises(KeyboardInterrupt):
         run(model, config, checkpoint=tmp_path / "ck")
-    monkeypatch.setattr(llm_quantize, "_quantize_layer", real)
+    monkeypatch.setattr(llm_quantize, "_gptq_group", real)
     assert '"done": 1' in (tmp_path / "ck" / "progress.json").read_text()
     resumed = run(model, config, checkpoint=tmp_path / "ck")
     x = ids(2, seed=5)

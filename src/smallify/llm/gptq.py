@@ -34,7 +34,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group: int | None, fi
          act_order: bool = True, damp: float = 0.01, block_size: int = 128
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(integers (O, I), scale (O, G), zero (O, G)) of ``w`` quantized by GPTQ with input Hessian ``h``."""
-    w = w.detach().double().clone()
+    w = w.detach().float().clone()
     h = h.detach().double().clone()
     out, cols = w.shape
     g = cols if group is None else group
@@ -43,14 +43,14 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group: int | None, fi
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
-    u = damped_inverse_factor(h, damp)
+    u = damped_inverse_factor(h, damp).float()
     n_groups = cols // g
     scale = torch.zeros(out, n_groups, dtype=torch.float32)
     zero = torch.zeros(out, n_groups, dtype=torch.int32)
     fitted = torch.zeros(n_groups, dtype=torch.bool)
     position = torch.empty(cols, dtype=torch.long)
     position[perm] = torch.arange(cols)          # original column -> its place in the visiting order
-    q_out = torch.zeros(out, cols, dtype=torch.float64)
+    q_out = torch.zeros(out, cols, dtype=torch.float32)
     h_orig = h  # permuted Hessian, for group grids weighted by the output error
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -68,7 +68,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group: int | None, fi
                 s, z = fit(current.float(), hb)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
                 fitted[gi] = True
-            s, z = scale[:, gi].double(), zero[:, gi].double()
+            s, z = scale[:, gi], zero[:, gi].float()
             x = w1[:, i]
             q = torch.clamp(torch.round(x / s) + z, fmt.qmin, fmt.qmax)
             deq = (q - z) * s

@@ -210,8 +210,11 @@ def quantize_llm(model: nn.Module, config: LLMWeightOnly, data=None, tokenizer=N
                             s, _, _ = awq_math.search_scale(weights, h.float(), x_mean, rtn, getattr(config, "grid", 20))
                         awq_math.fold(block, producers[key], members, s)
                         h = h / s.double()[:, None] / s.double()[None, :]
-                for n in members:
-                    specs[n] = _quantize_layer(block, n, layers[n], config, h)
+                if isinstance(config, GPTQ):     # one column loop for the whole group: rows are independent
+                    specs.update(_gptq_group(block, members, layers, config, h))
+                else:
+                    for n in members:
+                        specs[n] = _quantize_layer(block, n, layers[n], config, h)
         else:
             for n, m in layers.items():
                 specs[n] = _quantize_layer(block, n, m, config, None)
@@ -264,6 +267,24 @@ def _quantize_layer_math(block: nn.Module, name: str, m: nn.Module, config: LLMW
         q = grid.integers(w, scale, zero, fmt, group)
     qmod.replace_module(block, name, make_twin(m, spec, q, scale, zero))
     return spec
+
+
+def _gptq_group(block: nn.Module, members: list[str], layers: dict, config: GPTQ,
+                h: torch.Tensor) -> dict[str, qmod.WeightSpec]:
+    """GPTQ on the Linears that read one input, stacked row-wise: they share H, so one column loop (and one
+    Cholesky factor) gives each row exactly what its own run would."""
+    weights = [weight_view(layers[n]).detach().float() for n in members]
+    spec, group = config.spec(weights[0].shape[1])
+    fit = search_fit(spec.fmt) if config.mse else minmax_fit(spec.fmt)
+    with one_thread():
+        q, scale, zero = gptq(torch.cat(weights), h, spec.fmt, group, fit, config.act_order, config.damp,
+                              config.block_size)
+    row = 0
+    for n, w in zip(members, weights):
+        rows = slice(row, row + w.shape[0])
+        qmod.replace_module(block, n, make_twin(layers[n], spec, q[rows], scale[rows], zero[rows]))
+        row += w.shape[0]
+    return {n: spec for n in members}
 
 
 def _reports_of(block: nn.Module, prefix: str, i: int, config: LLMWeightOnly) -> list[LayerReport]:
