@@ -264,3 +264,15 @@ def test_data_driven_methods_need_text():
 def test_bad_configs_name_the_value(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         GPTQ(**bad)
+
+
+def test_a_tied_head_is_stored_once_and_stays_tied(tmp_path):
+    model = tiny("llama", tie_word_embeddings=True, vocab_size=4000)
+    q = sm.quantize(copy.deepcopy(model), RTN(bits=4, group_size=32), progress=False)
+    path = sm.save(q, tmp_path / "q.smallify")
+    emb_bytes = 4000 * 128 * 4
+    assert emb_bytes < path.stat().st_size < 1.5 * emb_bytes       # the 2 MB table once, not twice
+    back = sm.load(path, tiny("llama", tie_word_embeddings=True, vocab_size=4000))
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    x = torch.randint(0, 4000, (2, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(logits(q, x), logits(back, x))

@@ -98,6 +98,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             else:
                 tensors[f"{name}.weight_zero_point"] = torch.from_numpy(
                     pack(zero.numpy(), spec.fmt.bits, spec.fmt.qmin))
+    aliases, first_of = {}, {}
+    for key, t in model.state_dict().items():     # tied weights (an LM head sharing the embedding) stored once
+        if key in tensors and t.numel() > 0:
+            ident = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if ident in first_of:
+                aliases[key] = first_of[ident]
+                del tensors[key]
+            else:
+                first_of[ident] = key
     sparse = {}
     for key in list(tensors):
         t = tensors[key]
@@ -110,6 +119,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     config = getattr(model, "quant_config", None)
     manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict() if config is not None else None,
                 "layers": layers, "sparse": sparse}
+    if aliases:
+        manifest["aliases"] = aliases
     removed = removed_branches(model)
     if removed:
         manifest["removed_branches"] = removed
@@ -299,6 +310,13 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
         dense = torch.zeros(count, dtype=values.dtype)
         dense[bits] = values
         state[key] = dense.reshape(shape)
+    aliases = manifest.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise ModelError(f"{path}: the manifest's aliases must map tensor names to tensor names")
+    for key, source in aliases.items():
+        if not isinstance(source, str) or source not in state:
+            raise ModelError(f"{path}: tensor {key!r} is stored as {source!r}, which the file does not hold")
+        state[key] = state[source]
     for name, info in layers.items():
         spec, m = specs[name], modules[name]
         if spec.fmt is None:
