@@ -378,3 +378,17 @@ def test_smollm2_4bit_g64_asym(tmp_path):
     print(f"max |file - twin| weight = {worst:.3g}; max |logits file - twin| = {gap:.3g} "
           f"(twin - float: {quant_gap:.3g}; max |logit| {ref.abs().max():.3g})")
     assert gap < 0.25 and gap < 0.05 * quant_gap
+
+
+def test_embedding_as_q8_0(lean, tmp_path):
+    """embedding_type='Q8_0' stores the float token_embd as llama.cpp's Q8_0 (blocks of 32, fp16 scale):
+    within half a step (max|block| / 127 / 2) of the float table, plus 127 x fp16 rounding of the scale."""
+    model = quantize_linears(tiny_llama(), lambda name: None if name == "lm_head" else (4, 32, True))
+    out = save_gguf(model, tmp_path / "q.gguf", lean, embedding_type="Q8_0")
+    assert tensor_types(gguf.GGUFReader(out))["token_embd.weight"] == "Q8_0"
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    step = np.abs(emb.reshape(-1, 32)).max(1, keepdims=True) / 127
+    diff = np.abs(read_gguf_weights(out)["token_embd.weight"].reshape(-1, 32) - emb.reshape(-1, 32))
+    assert (diff <= step * (0.5 + 127 * 2.0 ** -11) + 1e-7).all()     # + 127 x the fp16 error of the scale
+    with pytest.raises(ConfigError, match="embedding_type"):
+        save_gguf(model, tmp_path / "r.gguf", lean, embedding_type="Q4_K")

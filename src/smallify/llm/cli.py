@@ -130,7 +130,7 @@ def quantize_llm_command(source: Path, out: Path, config, calib: Path | None, fm
     elif fmt == "gguf":
         from smallify.llm.export_gguf import save_gguf
 
-        save_gguf(model, out, template=source, force=force)
+        save_gguf(model, out, template=source, force=force, embedding_type="template")
     else:
         sm.save(model, out)
     shutil.rmtree(partial, ignore_errors=True)

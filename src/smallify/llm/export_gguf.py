@@ -203,7 +203,7 @@ def _tensor_names(found: dict, shapes: dict, template: Path) -> list[str]:
 
 
 def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathLike | None = None, *,
-              float_type: str = "F16", force: bool = False) -> Path:
+              float_type: str = "F16", force: bool = False, embedding_type: str | None = None) -> Path:
     """Write ``model`` (a transformers causal LM whose Linears are smallify twins) as a GGUF file at ``out``.
 
     ``template``: the GGUF the model came from (required: GGUF output needs it for the tokenizer and the
@@ -212,7 +212,10 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
     of its tensors is written, under its name and shape, from the model: twins as Q4_0 / Q4_1 / Q8_0 packed
     from their stored integers, other matrices as ``float_type`` ('F16' or 'F32'; a quantized token_embd of
     the template is written float, as the model holds it), vectors (norms, biases) as F32. An lm_head not tied
-    to the embedding is added as output.weight. ``force``: overwrite an existing ``out``. Architectures:
+    to the embedding is added as output.weight. ``embedding_type``: 'Q8_0' stores a float token_embd as llama.cpp's
+    Q8_0 (as llama.cpp's own quantizer does; with a tied head llama.cpp then runs the head in Q8_0, faster than
+    F16, no longer equal to the float head), 'template' the template's type when it is Q8_0. ``force``:
+    overwrite an existing ``out``. Architectures:
     llama (q/k rows in llama.cpp's rotary order) and qwen2."""
     import gguf
 
@@ -250,6 +253,10 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
             qtype, data = twin_blocks(module, hf, rows)
             shape = tuple(module.weight.shape)
             counts[qtype] = counts.get(qtype, 0) + module.weight.numel()
+        elif name == "token_embd.weight" and _embedding_q8(embedding_type, reader):
+            w = getattr(module, pname).detach().float().cpu().numpy()
+            qtype, shape = "Q8_0", w.shape
+            data = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
         else:
             w = getattr(module, pname).detach().float().cpu().numpy()
             w = w[rows] if rows is not None else w
@@ -280,6 +287,18 @@ def save_gguf(model: nn.Module, out: str | os.PathLike, template: str | os.PathL
         writer.close()
 
     return write_atomic(out, write, inputs=(template,))
+
+
+def _embedding_q8(embedding_type: str | None, reader) -> bool:
+    if embedding_type not in (None, "Q8_0", "template"):
+        raise ConfigError(f"embedding_type={embedding_type!r} is not supported; accepted: None (float_type), 'Q8_0', "
+                          "'template'")
+    if embedding_type == "template":
+        import gguf
+
+        kinds = {t.name: t.tensor_type for t in reader.tensors}
+        return kinds.get("token_embd.weight") == gguf.GGMLQuantizationType.Q8_0
+    return embedding_type == "Q8_0"
 
 
 def read_gguf_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
