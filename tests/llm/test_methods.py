@@ -276,3 +276,16 @@ def test_a_tied_head_is_stored_once_and_stays_tied(tmp_path):
     assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
     x = torch.randint(0, 4000, (2, 16), generator=torch.Generator().manual_seed(5))
     assert torch.equal(logits(q, x), logits(back, x))
+
+
+def test_data_free_with_generated_text_runs_gptq_on_the_models_own_samples():
+    model = tiny("llama", bos_token_id=1, eos_token_id=2)
+    ref = logits(model, ids(4, seed=9))
+    windows = llm_quantize.generate_windows(model, 3, 16)
+    assert windows.shape == (3, 16) and torch.equal(windows, llm_quantize.generate_windows(model, 3, 16))
+    plain = sm.quantize(copy.deepcopy(model), DataFree(bits=3, group_size=32), progress=False)
+    gen = sm.quantize(copy.deepcopy(model), DataFree(bits=3, group_size=32, generated=8, seq_len=64), progress=False)
+    assert "GPTQ on 8 generated windows" in str(gen.quant_report)
+    assert isinstance(gen.quant_config, DataFree)
+    # measured 12.2 dB vs 11.8 dB (weight-only search) on this seed
+    assert sqnr_db(ref, logits(gen, ids(4, seed=9))) > sqnr_db(ref, logits(plain, ids(4, seed=9)))

@@ -98,11 +98,13 @@ class DataFree(LLMWeightOnly):
     grid: int = 20
     refits: int = 4
     importance: str | None = "magnitude"
+    generated: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         _positive_int("grid", self.grid)
         _positive_int("refits", self.refits, 0)
+        _positive_int("generated", self.generated, 0)
         if self.importance not in (None, "magnitude"):
             raise ConfigError(f"importance={self.importance!r} is not supported; accepted: 'magnitude' or None")
 

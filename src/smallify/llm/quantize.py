@@ -25,7 +25,7 @@ from smallify.errors import ConfigError, DataError, ModelError
 from smallify.llm import awq as awq_math
 from smallify.llm import grid
 from smallify.llm.blocks import Captured, capture, decoder_blocks, linear_layers, run_block, weight_view
-from smallify.llm.config import AWQ, GPTQ, RTN, LLMWeightOnly
+from smallify.llm.config import AWQ, GPTQ, RTN, DataFree, LLMWeightOnly
 from smallify.llm.gptq import gptq, minmax_fit, search_fit
 from smallify.progress import track
 from smallify.quant import modules as qmod
@@ -171,6 +171,8 @@ def quantize_llm(model: nn.Module, config: LLMWeightOnly, data=None, tokenizer=N
     """Quantize the Linears of ``model``'s decoder blocks (and the LM head with ``config.lm_head``) in place."""
     if not isinstance(config, LLMWeightOnly):
         raise ConfigError(f"quantize_llm takes RTN, DataFree, GPTQ or AWQ; got {type(config).__name__}")
+    if isinstance(config, DataFree) and config.generated:
+        return _self_calibrated(model, config, progress, checkpoint)
     start = time.perf_counter()
     prefix, blocks = decoder_blocks(model)
     model.eval()
@@ -267,6 +269,44 @@ def _quantize_layer_math(block: nn.Module, name: str, m: nn.Module, config: LLMW
         q = grid.integers(w, scale, zero, fmt, group)
     qmod.replace_module(block, name, make_twin(m, spec, q, scale, zero))
     return spec
+
+
+def generate_windows(model: nn.Module, count: int, seq_len: int, seed: int = 0, batch: int = 8) -> torch.Tensor:
+    """(count, seq_len) token ids the model samples itself (temperature 1, from its BOS token, no EOS stop)."""
+    config = getattr(model, "config", None)
+    bos = getattr(config, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(config, "eos_token_id", None)
+    if isinstance(bos, (list, tuple)):
+        bos = bos[0]
+    if bos is None or not hasattr(model, "generate"):
+        raise ModelError(f"{type(model).__name__} has no BOS/EOS token or generate(): it cannot write its own "
+                         "calibration text; pass text (GPTQ/AWQ) or use DataFree(generated=0)")
+    torch.manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        for i in range(0, count, batch):
+            n = min(batch, count - i)
+            start = torch.full((n, 1), int(bos), dtype=torch.long)
+            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len,
+                                 pad_token_id=int(bos))
+            rows.append(out[:, 1:seq_len + 1])
+    return torch.cat(rows)
+
+
+def _self_calibrated(model: nn.Module, config: DataFree, progress: bool, checkpoint) -> nn.Module:
+    """DataFree(generated=N): GPTQ on N windows the model writes itself."""
+    start = time.perf_counter()
+    windows = generate_windows(model, config.generated, config.seq_len)
+    fields = {k: getattr(config, k) for k in ("bits", "group_size", "sym", "lm_head", "lm_head_bits", "skip",
+                                              "seq_len")}
+    quantize_llm(model, GPTQ(samples=config.generated, **fields), windows, None, progress, checkpoint)
+    model.quant_config = config
+    report = model.quant_report
+    report.config, report.scheme = config.to_dict(), config.describe() + f" (GPTQ on {config.generated} generated windows)"
+    report.calibration_seconds = time.perf_counter() - start
+    return model
 
 
 def _gptq_group(block: nn.Module, members: list[str], layers: dict, config: GPTQ,
