@@ -27,7 +27,9 @@ import torch
 
 SEQ = 512
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMALLIFY = {"rtn": "RTN", "datafree": "DataFree", "gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "GPTQ"}
+SMALLIFY = {"rtn": "RTN", "datafree": "DataFree", "datafree-gen": "DataFree", "gptq": "GPTQ", "awq": "AWQ",
+            "awq+gptq": "GPTQ"}
+GENERATED = 16      # datafree-gen: windows the model writes itself
 NNCF = {"nncf": {}, "nncf-awq-se": {"awq": True, "scale_estimation": True},
         "nncf-awq-se-gptq": {"awq": True, "scale_estimation": True, "gptq": True}}
 ORT = ("ort-rtn", "ort-hqq", "ort-gptq", "ort-kquant")
@@ -165,9 +167,9 @@ def row_smallify(args, model, tok, out: Path) -> dict:
 
     bits, group, sym = parse_setting(args.setting)
     cls = getattr(llm, SMALLIFY[args.row])
-    extra = {"awq": True} if args.row == "awq+gptq" else {}
+    extra = {"awq": True} if args.row == "awq+gptq" else {"generated": GENERATED} if args.row == "datafree-gen" else {}
     config = cls(bits=bits, group_size=group, sym=sym, samples=args.calib_samples, seq_len=SEQ, **extra)
-    data = None if args.row in ("rtn", "datafree") else default_texts()
+    data = None if args.row in ("rtn", "datafree", "datafree-gen") else default_texts()
     t0 = time.perf_counter()
     sm.quantize(model, config, data=data, tokenizer=tok, progress=True)
     sm.save(model, out / "model.smallify")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 from _llm_rows import ONNX_NAME, ORT, ROWS, parse_setting
 
 SETTINGS = ("4bit-g64-asym", "3bit-g64-asym", "4bit-g32-asym")
-LABELS = {"fp32": "FP32", "rtn": "smallify RTN", "datafree": "smallify DataFree", "gptq": "smallify GPTQ",
+LABELS = {"fp32": "FP32", "rtn": "smallify RTN", "datafree": "smallify DataFree", "datafree-gen": "smallify DataFree (generated text)", "gptq": "smallify GPTQ",
           "awq": "smallify AWQ", "awq+gptq": "smallify AWQ+GPTQ", "hqq": "HQQ (hqq 0.2, CPU)",
           "nncf": "NNCF data-free", "nncf-awq-se": "NNCF AWQ+SE", "nncf-awq-se-gptq": "NNCF AWQ+SE+GPTQ",
           "ort-rtn": "ORT MatMulNBits RTN", "ort-hqq": "ORT MatMulNBits HQQ", "ort-gptq": "ORT MatMulNBits GPTQ",
@@ -43,7 +43,7 @@ LABELS = {"fp32": "FP32", "rtn": "smallify RTN", "datafree": "smallify DataFree"
 
 def row_key(setting: str, row: str, eval_tokens: int, calib: int) -> str:
     setting = "-" if row in ("fp32", "onnx-export") else setting
-    calib = 0 if row in ("fp32", "onnx-export", "rtn", "datafree", "nncf", "hqq", "ort-rtn", "ort-hqq",
+    calib = 0 if row in ("fp32", "onnx-export", "rtn", "datafree", "datafree-gen", "nncf", "hqq", "ort-rtn", "ort-hqq",
                          "ort-kquant") else calib
     return f"{setting}|{row}|eval{eval_tokens}|calib{calib}"
 
