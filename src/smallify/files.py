@@ -22,6 +22,12 @@ def check_writable(path: str | os.PathLike, inputs=()) -> Path:
         if source is not None and isinstance(source, (str, os.PathLike)) and _same_file(path, Path(source)):
             raise OutputError(f"output path {path} is the input file {source}; smallify never overwrites its input: "
                               f"give another name, e.g. {path.with_name(path.stem + '.small' + path.suffix)}")
+    probe_folder(path, parent)
+    return path
+
+
+def probe_folder(path: Path, parent: Path) -> None:
+    """OutputError unless a file can really be created (and is removed again) in ``parent``, ``path``'s folder."""
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {parent} does not exist")
     try:
@@ -31,7 +37,6 @@ def check_writable(path: str | os.PathLike, inputs=()) -> Path:
                           "give a path in a folder you can write") from None
     os.close(fd)
     os.unlink(probe)
-    return path
 
 
 def _same_file(a: Path, b: Path) -> bool:

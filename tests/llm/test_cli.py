@@ -6,27 +6,21 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-import smallify as sm  # noqa: E402
-from smallify.cli import app  # noqa: E402
-from smallify.llm import GPTQ  # noqa: E402
-from smallify.llm.text import default_texts  # noqa: E402
+import smallify as sm
+from smallify.cli import app
+from smallify.llm import GPTQ
+from smallify.llm.text import default_texts
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(tmp_path_factory, bpe_tokenizer):
     """A tiny random Llama with a 400-token byte-level BPE trained in memory, saved as a HF folder, and a
     calibration text file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(default_texts()[:200], trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    tokenizer = bpe_tokenizer
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

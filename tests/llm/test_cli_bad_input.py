@@ -92,18 +92,12 @@ def write_gguf(path: Path, arch: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tmp_path_factory, bpe_tokenizer):
     """A 400-token byte-level BPE trained in memory; tiny random Llamas of 2 and 6 blocks saved with it as HF
     folders; calibration text; a BERT encoder folder; GGUF files (arch 'foo', arch 'llama', not a GGUF)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(default_texts()[:200], trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    tokenizer = bpe_tokenizer
     root = tmp_path_factory.mktemp("llm_bad")
     save_llama(root / "model", tokenizer, layers=2)
     save_llama(root / "deep", tokenizer, layers=6)

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from smallify.errors import ConfigError, ModelError
-from smallify.measure.decode import (DecodeResult, Runner, convert_gguf, decode_speed, format_table, llama_cpp_runner,
-                                     time_in_subprocess, transformers_runner)
+from smallify.measure.decode import (
+    DecodeResult,
+    Runner,
+    convert_gguf,
+    decode_speed,
+    format_table,
+    llama_cpp_runner,
+    time_in_subprocess,
+    transformers_runner,
+)
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,5 +20,16 @@ def __getattr__(name):          # the writers and the loader import transformers
     raise AttributeError(f"module 'smallify.llm' has no attribute {name!r}")
 
 
-__all__ = ["AWQ", "GPTQ", "RTN", "DataFree", "LLMWeightOnly", "save_hf", "save_gguf", "read_gguf_weights",
-           "load_causal_lm", "calibration_windows", "default_texts"]
+__all__ = [
+    "AWQ",
+    "GPTQ",
+    "RTN",
+    "DataFree",
+    "LLMWeightOnly",
+    "calibration_windows",
+    "default_texts",
+    "load_causal_lm",
+    "read_gguf_weights",
+    "save_gguf",
+    "save_hf",
+]

@@ -8,7 +8,7 @@ output channels by r scales the group's input by exactly r and the block's outpu
 group's weights are divided by r."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -53,9 +53,7 @@ def _candidates(block: nn.Module, width: int, members: set[str]) -> list[tuple[s
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor):
             continue
-        if w.ndim == 1 and w.numel() == width:
-            found.append((name, m))
-        elif w.ndim == 2 and weight_view(m).shape[0] == width:
+        if w.ndim == 1 and w.numel() == width or w.ndim == 2 and weight_view(m).shape[0] == width:
             found.append((name, m))
     return found
 

@@ -6,9 +6,7 @@ again after a kill resumes after the last finished block, and the output is writ
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from smallify.errors import ConfigError, OutputError
@@ -21,13 +19,13 @@ def make_config(method: str, bits: int | None, group_size, sym: bool, lm_head: b
                 seq_len: int | None, skip: tuple[str, ...]):
     """The config of an LLM method named on the command line ('int8', the command's default, means gptq:
     the best setting measured in benchmarks/llm_weight_only.py)."""
-    from smallify.llm.config import METHODS, GPTQ
+    from smallify.llm.config import GPTQ, METHODS
 
     method = "gptq" if method == "int8" else method
     if method not in LLM_METHODS:
         raise ConfigError(f"--method {method!r} does not apply to a language model; accepted: {', '.join(LLM_METHODS)}")
-    fields = dict(bits=4 if bits is None else bits, group_size=64 if group_size == "auto" else group_size, sym=sym,
-                  lm_head=lm_head, skip=skip)
+    fields = {"bits": 4 if bits is None else bits, "group_size": 64 if group_size == "auto" else group_size,
+              "sym": sym, "lm_head": lm_head, "skip": skip}
     if method in ("gptq", "awq", "awq+gptq"):
         fields.update({k: v for k, v in (("samples", samples), ("seq_len", seq_len)) if v is not None})
     if method == "awq+gptq":
@@ -60,16 +58,9 @@ def check_output(out: Path, fmt: str, force: bool, source: Path | None = None) -
                           f"{out / ('model.' + fmt)}")
     elif out.exists() and not force:
         raise OutputError(f"{out} exists; pass --force to overwrite it, or give another --out")
-    parent = out.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out}: folder {parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: creating a file in {parent} failed ({e.strerror or e}); give an "
-                          "--out in a folder you can write") from None
-    os.close(fd)
-    os.unlink(probe)
+    from smallify.files import probe_folder
+
+    probe_folder(out, out.parent if str(out.parent) else Path("."))
 
 
 def check_gguf_grid(config) -> None:

@@ -6,7 +6,7 @@ columns (the layout every runtime reads); with ``act_order`` the columns are vis
 and a group's grid is fitted when its first column comes up, on the weights as updated so far."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,7 +24,14 @@ from smallify import files
 from smallify.errors import ConfigError, DataError, ModelError
 from smallify.llm import awq as awq_math
 from smallify.llm import grid
-from smallify.llm.blocks import Captured, capture, decoder_blocks, linear_layers, run_block, weight_view
+from smallify.llm.blocks import (
+    Captured,
+    capture,
+    decoder_blocks,
+    linear_layers,
+    run_block,
+    weight_view,
+)
 from smallify.llm.config import AWQ, GPTQ, RTN, DataFree, LLMWeightOnly
 from smallify.llm.gptq import gptq, minmax_fit, search_fit
 from smallify.progress import track
