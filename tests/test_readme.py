@@ -23,9 +23,9 @@ SKIPPED = {
     "smallify demo": "tests/test_demo.py runs the demo",
     "python -m smallify.examples.train_fmnist": "trains the bundled model for 12 epochs",
     "smallify distill --student example --student-weights": "2 epochs over 60,000 images (minutes)",
-    "smallify quantize model_dir": "tests/llm/test_cli.py and test_cli_bad_input.py run the LLM commands on a "
+    "smallify quantize model_dir": "tests/llm/test_llm_cli.py and test_llm_cli_bad_input.py run the LLM commands on a "
                                    "tiny Llama folder and GGUF files",
-    "smallify quantize model.gguf": "tests/llm/test_cli_bad_input.py runs --format gguf on a GGUF",
+    "smallify quantize model.gguf": "tests/llm/test_llm_cli_bad_input.py runs --format gguf on a GGUF",
 }
 SLOW = ("--reconstruct", "--branches", "--max-drop", "smallify bench")   # tens of seconds each
 
