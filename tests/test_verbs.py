@@ -35,7 +35,7 @@ def _data():
     (lambda m, d: sm.prune_gradually(m, d, sm.Unstructured(), sm.KD()), r"prune_gradually\(\) takes train_config of type TrainConfig"),
     (lambda m, d: sm.prune_attention(m, sm.ChannelPrune()), r"prune_attention\(\) takes config of type AttentionPrune"),
     (lambda m, d: sm.quantize(m, sm.ChannelPrune(), torch.randn(4, 8)),
-     r"quantize\(\) takes config of type FP8Static, Float16, Int8Dynamic, Int8Static, MixedPrecision, WeightOnly; got ChannelPrune \(ChannelPrune configures prune\)"),
+     r"quantize\(\) takes config of type AWQ, DataFree, FP8Static, Float16, GPTQ, Int8Dynamic, Int8Static, LLMWeightOnly, MixedPrecision, RTN, WeightOnly; got ChannelPrune \(ChannelPrune configures prune\)"),
     (lambda m, d: sm.qat(sm.quantize(m, sm.Int8Static(), torch.randn(16, 8), progress=False), d, sm.KD()),
      r"qat\(\) takes config of type TrainConfig; got KD"),
 ])
