@@ -26,6 +26,7 @@ SKIPPED = {
     "smallify quantize model_dir": "tests/llm/test_llm_cli.py and test_llm_cli_bad_input.py run the LLM commands on a "
                                    "tiny Llama folder and GGUF files",
     "smallify quantize model.gguf": "tests/llm/test_llm_cli_bad_input.py runs --format gguf on a GGUF",
+    "python benchmarks/llm_weight_only.py": "a benchmark of about an hour (tests/llm cover each method)",
 }
 SLOW = ("--reconstruct", "--branches", "--max-drop", "smallify bench")   # tens of seconds each
 
