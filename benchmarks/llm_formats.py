@@ -72,8 +72,8 @@ def main() -> None:
     print(f"{'float F16 GGUF':<44} {'':>8} {'':>12} {file_size(f16) / 1e6:9.1f}")
     record = {"quantize_s": seconds, "ppl": {k: v for k, (v, _) in rows.items()}}
     try:
-        results = bench_decode({"F16 (float)": ("gguf", str(f16)), "Q4_0, Q8_0 embedding": ("gguf", str(g8)),
-                                "Q4_0, F16 embedding": ("gguf", str(g16))}, threads=args.threads, rounds=2)
+        results = bench_decode({"F16 (float)": ("llama.cpp", str(f16)), "Q4_0, Q8_0 embedding": ("llama.cpp", str(g8)),
+                                "Q4_0, F16 embedding": ("llama.cpp", str(g16))}, threads=args.threads, rounds=2)
         print(format_table(results, base="F16 (float)"))
         record["decode"] = {r.label: r.to_dict() for r in results}
     except (sm.SmallifyError, OSError, RuntimeError) as e:     # llama-cpp-python is optional: say why not
