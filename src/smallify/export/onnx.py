@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from smallify.errors import ConfigError
 from smallify.onnx import io as onnx_io
 from smallify.export import ops
 from smallify.quant import modules as qmod
@@ -151,11 +152,31 @@ def _name_folded_weights(proto: onnx.ModelProto, model: nn.Module) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, dynamic_batch: bool = True,
-                input_names: list[str] | None = None) -> Path:
+                input_names: list[str] | None = None, shared: str = "expand") -> Path:
     """Write ``model`` as ONNX (inputs named ``input_names``; default 'input', or 'input_0', 'input_1', ...).
     A model from ``smallify.quantize`` is written as a QDQ model: uint8 activations,
-    int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels."""
+    int8 per-channel weights, int32 biases; ONNX Runtime fuses it into integer kernels.
+
+    A model from ``smallify.cluster``: ``shared='expand'`` writes float weights; ``shared='indices'`` keeps each
+    shared weight as its codebook + bit-packed index table expanded in the graph (a smaller file; ONNX Runtime
+    folds the expansion at session start, so it runs as fast as the expanded form)."""
     onnx_io.check_writable(path)
+    if shared not in ("expand", "indices"):
+        raise ConfigError(f"shared={shared!r} is not supported; accepted: 'expand', 'indices'")
+    from smallify.cluster.modules import SharedTwin, expand
+
+    shared_layers = {n: m for n, m in model.named_modules() if isinstance(m, SharedTwin)}
+    if shared_layers:
+        plain = expand(copy.deepcopy(model))
+        proto = to_onnx_proto(plain, example_inputs, dynamic_batch, input_names=input_names)
+        if shared == "indices":
+            from smallify.export.shared import keep_indices
+
+            weights = {n: m.weight.detach() for n, m in shared_layers.items() if m.weight.ndim >= 2}
+            keep_indices(proto, shared_layers, _weight_initializers(proto, weights))
+            proto.producer_name = "smallify"
+        onnx.checker.check_model(proto)
+        return onnx_io.save(proto, path)
     quantized = any(isinstance(m, (qmod.QuantTwin, qmod.ActQuant, HalfPrecision))
                     for m in model.modules())
     plain, weights, twins = _float_twins(model) if quantized else (model, {}, {})

@@ -107,6 +107,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                 del tensors[key]
             else:
                 first_of[ident] = key
+    from smallify.pack import shared as shared_records
+
+    shared = shared_records.save_records(model, tensors)
     sparse = {}
     for key in list(tensors):
         t = tensors[key]
@@ -121,10 +124,36 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                 "layers": layers, "sparse": sparse}
     if aliases:
         manifest["aliases"] = aliases
+    if shared:
+        manifest["shared"] = shared
+    cluster_config = getattr(model, "cluster_config", None)
+    if cluster_config is not None:
+        manifest["cluster_config"] = cluster_config.to_dict()
+    manifest["bytes"] = breakdown(tensors, shared)
     removed = removed_branches(model)
     if removed:
         manifest["removed_branches"] = removed
     return files.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest)}))
+
+
+def breakdown(tensors: dict, shared: dict) -> dict[str, int]:
+    """Bytes of the file's tensors by kind: 'indices' (coded index streams), 'codebooks' (of shared layers),
+    'packed' (integer grids), 'sparse' (masks and nonzeros of pruned float tensors), 'float' (the rest)."""
+    out = {"indices": 0, "codebooks": 0, "packed": 0, "sparse": 0, "float": 0}
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        layer, _, leaf = key.split(":")[0].rpartition(".")
+        if key.endswith(":coded"):
+            out["indices"] += n
+        elif layer in shared and leaf in ("codebook", "codebook_scale", "scale", "levels"):
+            out["codebooks"] += n
+        elif ":sparse" in key:
+            out["sparse"] += n
+        elif ":packed" in key or key.endswith("_zero_point") or key.endswith("weight_scale") or ":fp8" in key:
+            out["packed"] += n
+        else:
+            out["float"] += n
+    return out
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -286,6 +315,11 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
     specs = {name: _spec_from(info["spec"], name) for name, info in layers.items()}
     if manifest.get("removed_branches"):
         model = remove_branches(model, manifest["removed_branches"])
+    shared = manifest.get("shared") or {}
+    if shared:
+        from smallify.pack.shared import rebuild
+
+        model = rebuild(model, shared, path)
     target = model if config is None else _structure(config)(model, config, specs)
     modules = dict(target.named_modules())
     for name in layers:
@@ -310,6 +344,10 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
         dense = torch.zeros(count, dtype=values.dtype)
         dense[bits] = values
         state[key] = dense.reshape(shape)
+    if shared:
+        from smallify.pack.shared import decode_records
+
+        decode_records(state, shared, path)
     aliases = manifest.get("aliases", {})
     if not isinstance(aliases, dict):
         raise ModelError(f"{path}: the manifest's aliases must map tensor names to tensor names")
@@ -368,6 +406,11 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ModelError(f"the file does not fit the model: missing {sorted(missing)[:5]}, unexpected "
                          f"{sorted(unexpected)[:5]}; build the same architecture the file was saved from")
+    cluster_config = manifest.get("cluster_config")
+    if cluster_config is not None:
+        from smallify.config import config_from_dict
+
+        target.cluster_config = config_from_dict(cluster_config, "cluster")
     return target.eval()
 
 
