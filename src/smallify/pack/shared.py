@@ -123,7 +123,10 @@ def decode_records(state: dict, records: dict, path) -> None:
         if payload.dtype != torch.uint8 or payload.ndim != 1:
             raise ModelError(f"{path}: the index stream of layer {name!r} is {payload.dtype} {list(payload.shape)}; "
                              "a coded stream is a 1-D uint8 tensor")
-        symbols = torch.from_numpy(decode(rec["coder"], payload.numpy(), count, alphabet).astype(np.int64))
+        try:
+            symbols = torch.from_numpy(decode(rec["coder"], payload.numpy(), count, alphabet).astype(np.int64))
+        except ModelError as e:
+            raise ModelError(f"{path}: the index stream of layer {name!r} does not decode: {e}") from None
         if bool((symbols >= alphabet).any()):
             raise ModelError(f"{path}: the index stream of layer {name!r} holds indices >= {alphabet}: its codebook "
                              "and indices disagree")
