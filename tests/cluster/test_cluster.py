@@ -213,3 +213,16 @@ def test_a_file_whose_codebook_and_indices_disagree_is_refused(tmp_path):
     save_file(tensors, str(bad), metadata={"smallify": json.dumps(manifest)})
     with pytest.raises(ModelError, match=f"layer '{layer}'"):
         sm.load(bad, small_net())
+
+
+def test_hashed_model_is_stored_as_buckets_and_loads_back_bit_exact(tmp_path):
+    net = small_net()
+    h = sm.cluster(net, sm.HashShare(compression=1 / 8, seed=3), progress=False)
+    path = sm.save(h, tmp_path / "h.smallify")
+    back = sm.load(path, small_net())
+    with torch.no_grad():
+        assert torch.equal(back(X), h(X))
+    buckets = sum(p.numel() for n, p in h.named_parameters() if n.endswith("buckets"))
+    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert abs(buckets - weights / 8) <= 4
+    assert path.stat().st_size < sm.save(net, tmp_path / "f.smallify").stat().st_size / 3

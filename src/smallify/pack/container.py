@@ -129,6 +129,14 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     cluster_config = getattr(model, "cluster_config", None)
     if cluster_config is not None:
         manifest["cluster_config"] = cluster_config.to_dict()
+    from smallify.cluster.hashing import hashed_layers
+
+    hashed = hashed_layers(model)
+    if hashed:      # buckets only: the hashes are rebuilt from the config's seed
+        if cluster_config is None or cluster_config.kind != "hash_share":
+            raise ConfigError("a model with hashed layers needs its HashShare config as model.cluster_config "
+                              "(set by smallify.cluster) to be saved")
+        manifest["hashed"] = hashed
     manifest["bytes"] = breakdown(tensors, shared)
     removed = removed_branches(model)
     if removed:
@@ -320,6 +328,14 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
         from smallify.pack.shared import rebuild
 
         model = rebuild(model, shared, path)
+    if manifest.get("hashed"):
+        from smallify.cluster.hashing import rebuild_hashed
+        from smallify.config import config_from_dict
+
+        names = manifest["hashed"]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ModelError(f"{path}: the manifest's 'hashed' must be a list of layer names")
+        model = rebuild_hashed(model, config_from_dict(manifest.get("cluster_config") or {}, "cluster"), names)
     target = model if config is None else _structure(config)(model, config, specs)
     modules = dict(target.named_modules())
     for name in layers:
