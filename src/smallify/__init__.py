@@ -1,7 +1,7 @@
 """smallify: make trained neural networks small and fast, and prove it with measured numbers."""
 from smallify import llm
 from smallify.api import QuantizedONNX, quantize
-from smallify.cluster import Binary, HashShare, KMeans, PowerOfTwo, Ternary, cluster
+from smallify.cluster import Binary, HashShare, KMeans, PowerOfTwo, Ternary, cluster, snap_codebooks
 from smallify.errors import ConfigError, DataError, ModelError, OutputError, SmallifyError
 from smallify.export.onnx import export_onnx
 from smallify.distill import KD, distill
@@ -15,6 +15,6 @@ from smallify.quant.qat import qat
 from smallify.train import TrainConfig, TrainData, train
 
 __version__ = "0.1.0"
-__all__ = ["llm", "quantize", "cluster", "KMeans", "Binary", "Ternary", "PowerOfTwo", "HashShare", "qat", "prune", "prune_attention", "AttentionPrune", "ChannelPrune", "Unstructured", "sparsify", "prune_gradually", "finalize",
+__all__ = ["llm", "quantize", "cluster", "snap_codebooks", "KMeans", "Binary", "Ternary", "PowerOfTwo", "HashShare", "qat", "prune", "prune_attention", "AttentionPrune", "ChannelPrune", "Unstructured", "sparsify", "prune_gradually", "finalize",
            "sparsity_of", "distill", "KD", "train", "TrainConfig", "TrainData", "export_onnx", "save", "load", "Int8Static", "FP8Static", "WeightOnly", "Float16", "MixedPrecision", "Int8Dynamic", "QuantizedONNX", "SmallifyError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]

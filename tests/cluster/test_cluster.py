@@ -145,6 +145,16 @@ def test_snap_int8_codebook_survives_int8_quantization_exactly(tmp_path):
 
     path = sm.save(c, tmp_path / "s.smallify")
     assert all(r.get("codebook") == "int8" for r in read_manifest(path)["shared"].values())
+    with torch.no_grad():           # fine-tuning moves the codebook off the grid: stored in float, loads back
+        for m in c.modules():
+            if isinstance(m, SharedTwin):
+                m.codebook.add_(1e-3)
+    moved = sm.save(c, tmp_path / "moved.smallify")
+    assert not any(r.get("codebook") == "int8" for r in read_manifest(moved)["shared"].values())
+    with torch.no_grad():
+        assert torch.equal(sm.load(moved, small_net())(X), c(X))
+    sm.snap_codebooks(c)
+    assert all(r.get("codebook") == "int8" for r in read_manifest(sm.save(c, tmp_path / "s2.smallify"))["shared"].values())
     q = sm.quantize(_expanded(c), sm.Int8Static(), data=X, progress=False)
     onnx_path = tmp_path / "s.int8.onnx"
     sm.export_onnx(q, onnx_path, X[:1])

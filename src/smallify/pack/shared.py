@@ -98,7 +98,7 @@ def rebuild(model: nn.Module, records: dict, path) -> nn.Module:
             new = twin.build(m, share, idx, codebook=torch.zeros(r, k), mask=mask)
         else:
             new = twin.build(m, share, idx, scale=torch.zeros(r, 1), levels=torch.zeros(k), mask=mask)
-        if rec.get("codebook") == "int8":
+        if share.get("snap") == "int8":       # the INT8 grid kept (the codebook may have left it in fine-tuning)
             new.register_buffer("codebook_scale", torch.ones(r, 1))
         replace_module(model, name, new)
     return model
