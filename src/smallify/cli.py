@@ -508,6 +508,11 @@ def demo(
         _fail(str(e))
 
 
+from smallify.cluster.cli import cluster as _cluster_command  # noqa: E402  (it imports this module's helpers lazily)
+
+app.command("cluster")(_cluster_command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
