@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import smallify
 from smallify.cli import app
 from smallify.cluster.modules import SharedTwin
-from smallify.errors import ModelError
+from smallify.errors import ModelError, OutputError
 from smallify.examples.demo import calibration_images, pretrained_fmnist_resnet
 from smallify.pack.container import read_manifest
 
@@ -92,8 +92,24 @@ def test_kmeans_on_the_example(kmeans_run, images):
     np.testing.assert_allclose(y, ya[:4].numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(raises=ModelError, strict=False,
-                   reason="smallify.save does not record hashed layers yet (issue 11: the container's hashed part)")
+@pytest.mark.parametrize("method, values", [("binary", 2), ("ternary", 3), ("power-of-two", 7)])
+def test_structured_codebooks(tmp_path, images, method, values):
+    out = tmp_path / "s.smallify"
+    r = run("--method", method, "--skip", "fc", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "15 layer(s) share their weights" in r.stdout
+    a = smallify.load(out, pretrained_fmnist_resnet())
+    assert torch.equal(logits(a, images), logits(smallify.load(out, pretrained_fmnist_resnet()), images))
+    shared = [m for m in a.modules() if isinstance(m, SharedTwin)]
+    assert len(shared) == 15
+    for m in shared:                                     # binary 2, ternary 3, power of two (3 bits) 7 per channel
+        w = m.weight.detach().reshape(m.weight.shape[0], -1)
+        assert max(len(torch.unique(row)) for row in w) <= values
+        if method == "power-of-two":                     # every nonzero weight is +-scale * 2^-j
+            ratio = torch.log2(w.abs().amax(1, keepdim=True) / torch.where(w != 0, w.abs(), w.abs().amax(1, keepdim=True)))
+            assert torch.allclose(ratio, ratio.round(), atol=1e-5)
+
+
 def test_hash_on_the_example(tmp_path, images):
     out = tmp_path / "h.smallify"
     r = run("--method", "hash", "--compression", "0.125", "--seed", "3", "--out", out)
@@ -102,6 +118,12 @@ def test_hash_on_the_example(tmp_path, images):
         "for 640 weights" in r.stdout
     a = smallify.load(out, pretrained_fmnist_resnet())
     assert torch.equal(logits(a, images), logits(smallify.load(out, pretrained_fmnist_resnet()), images))
+    expected = smallify.cluster(pretrained_fmnist_resnet(), smallify.HashShare(compression=0.125, seed=3),
+                                progress=False)
+    assert torch.equal(logits(a, images), logits(expected, images))     # the seed given is the seed used
+    smallify.save(pretrained_fmnist_resnet(), tmp_path / "float.smallify")
+    dense = read_manifest(tmp_path / "float.smallify")["bytes"]["float"]
+    assert read_manifest(out)["bytes"]["float"] < dense / 7     # 1/8 of the weights as buckets (+ biases, BN)
 
 
 def test_a_user_model_with_weights(tmp_path, user_net):
@@ -120,6 +142,26 @@ def test_a_user_model_with_weights(tmp_path, user_net):
     expected = smallify.cluster(trained, smallify.KMeans(clusters=8, scope="channel", init="kmeans++"), progress=False)
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(smallify.load(out, build()), x), logits(expected, x))
+
+
+def test_an_input_shape_the_model_does_not_take(tmp_path, user_net):
+    r = run("--model", user_net, "--clusters", "4", "--input-shape", "1,5,12,12", "--out", tmp_path / "u.smallify",
+            "--onnx", tmp_path / "u.onnx")
+    assert_fails(r, tmp_path, "input of shape [1, 5, 12, 12]", "--input-shape",
+                 keep=["usernet.py"] + [p.name for p in tmp_path.glob("__pycache__")])
+
+
+def test_both_outputs_or_neither(tmp_path, user_net, monkeypatch):
+    """The .smallify is written first, then the ONNX export fails: neither file stays."""
+    import smallify.export.onnx
+
+    def fail(*args, **kwargs):
+        raise OutputError("disk full (simulated)")
+    monkeypatch.setattr(smallify.export.onnx, "export_onnx", fail)
+    r = run("--model", user_net, "--clusters", "4", "--input-shape", "1,3,12,12", "--out", tmp_path / "u.smallify",
+            "--onnx", tmp_path / "u.onnx")
+    assert_fails(r, tmp_path, "disk full (simulated)",
+                 keep=["usernet.py"] + [p.name for p in tmp_path.glob("__pycache__")])
 
 
 @pytest.mark.parametrize("args, fragments", [

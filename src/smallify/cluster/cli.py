@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import ConfigError, OutputError, SmallifyError
+from smallify.errors import ConfigError, DataError, OutputError, SmallifyError
 
 METHODS = ("kmeans", "binary", "ternary", "power-of-two", "hash")
 ONNX_FORMS = ("expand", "indices")
@@ -70,6 +70,19 @@ def describe_model(model) -> str:
             weights *= d
         lines.append(f"  {name:40s} {m.float_type.__name__:10s} {m.num_buckets} buckets for {weights} weights")
     return "\n".join(lines)
+
+
+def check_runs(model, example) -> None:
+    """Before any long work: the model runs on the example input that the ONNX export will trace."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        message = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise DataError(f"the model does not run on an input of shape {list(example.shape)} ({message}); give "
+                        "--input-shape or --calib data that the model takes") from None
 
 
 def float_size(model) -> int:
@@ -144,6 +157,8 @@ def cluster(
         net = _model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
         example = _example_batch(model, input_shape, arrays) if onnx_out is not None else None
+        if example is not None:
+            check_runs(net, example[:1])
         data = None
         if method == "kmeans" and config.weighted:
             import torch
