@@ -217,21 +217,22 @@ def _flip(tensors, at):
 
 
 TAMPERED = {
-    "count": (lambda m, t: m["shared"][LAYER].update(count=2300), True),
-    "alphabet": (lambda m, t: m["shared"][LAYER].update(alphabet=8), True),
-    "codebook": (lambda m, t: t.update({f"{LAYER}.codebook": t[f"{LAYER}.codebook"][:, :8].clone()}), True),
-    "values": (lambda m, t: (m["shared"][LAYER]["share"].update(k=8), m["shared"][LAYER].update(alphabet=8)), False),
-    "stream": (lambda m, t: _flip(t, 40), False),
-    "truncated": (lambda m, t: t.update({f"{LAYER}.indices:coded": t[f"{LAYER}.indices:coded"][:50].clone()}), False),
+    "count": lambda m, t: m["shared"][LAYER].update(count=2300),
+    "alphabet": lambda m, t: m["shared"][LAYER].update(alphabet=8),
+    "codebook": lambda m, t: t.update({f"{LAYER}.codebook": t[f"{LAYER}.codebook"][:, :8].clone()}),
+    "values": lambda m, t: (m["shared"][LAYER]["share"].update(k=8), m["shared"][LAYER].update(alphabet=8)),
+    "stream": lambda m, t: _flip(t, 40),
+    "truncated": lambda m, t: t.update({f"{LAYER}.indices:coded": t[f"{LAYER}.indices:coded"][:50].clone()}),
 }
 
 
-@pytest.mark.parametrize("case", sorted(TAMPERED))
+@pytest.mark.parametrize("case", [*sorted(TAMPERED), pytest.param("scope", marks=pytest.mark.xfail(
+    reason="a manifest scope/group_size that does not fit the shape raises ConfigError from rows_shape, not "
+    "ModelError (pack/shared.py rebuild)", strict=False))])
 def test_codebook_and_indices_disagree(tmp_path, kmeans_run, case):
-    edit, names_layer = TAMPERED[case]
+    edit = TAMPERED.get(case, lambda m, t: m["shared"][LAYER]["share"].update(scope="group", group_size=7))
     bad = tamper(kmeans_run[1], tmp_path / "bad.smallify", edit)
     with pytest.raises(ModelError) as e:
         smallify.load(bad, pretrained_fmnist_resnet())
-    if names_layer:
-        assert LAYER in str(e.value)
+    assert LAYER in str(e.value)
     assert_fails(run("--weights", bad, "--out", tmp_path / "o.smallify"), tmp_path, keep=["bad.smallify"])
