@@ -24,6 +24,7 @@ Every payload starts with the same header: crc32 of the rest (4 bytes, little-en
 """
 from __future__ import annotations
 
+import heapq
 import lzma
 import math
 import zlib
@@ -135,7 +136,6 @@ def huffman_lengths(freq: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.n
     """Code length of each symbol (0 for absent ones) of a Huffman code for ``freq``, limited to ``max_length``
     bits by the JPEG rule (Annex K.3: move pairs of over-long codes up, keeping the Kraft sum 1). A single
     present symbol gets length 1."""
-    import heapq
     present = np.flatnonzero(freq)
     lengths = np.zeros(freq.size, np.int64)
     if present.size <= 1:
