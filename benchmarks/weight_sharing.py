@@ -22,7 +22,8 @@ forms:    the pipeline's model as ONNX: float weights, the index form (codebooks
 hashed:   benchmarks/hashednets.py (HashedNets against equal-size dense nets), run as a subprocess.
 minilm:   benchmarks/_ws_minilm.py (MiniLM-L6 k-means + distillation on real sentences), run as a subprocess.
 
-Distillation everywhere: KD from the dense model, T = 4, alpha = 0.9, AdamW, cosine, lr ``--lr``, batch 128, the
+Distillation everywhere: KD from the dense model, T = 4, alpha = 0.9, AdamW, cosine, lr ``--lr`` while pruning and
+``--ft-lr`` for the centroids / QAT, batch 128, the
 training set with the demo's augmentation. Top-1 on the 10,000 test images. Results are kept per part in
 ``--out`` (a re-run skips finished parts unless ``--redo``).
 """
@@ -91,7 +92,7 @@ class Bench:
     def finetune(self, m, epochs: float | None = None):
         epochs = self.args.ft_epochs if epochs is None else epochs
         if epochs > 0:
-            sm.train(m, self.data, sm.TrainConfig(epochs=epochs, lr=self.args.lr), loss_fn=self.kd,
+            sm.train(m, self.data, sm.TrainConfig(epochs=epochs, lr=self.args.ft_lr), loss_fn=self.kd,
                      progress=self.progress)
         return m.eval()
 
@@ -180,7 +181,7 @@ def uniform(b: Bench) -> dict:
                                progress=False)
             before, sqnr = b.top1(m), weight_sqnr(b.teacher, m)
             if method == "uniform":
-                sm.qat(m, b.data, sm.TrainConfig(epochs=b.args.ft_epochs, lr=b.args.lr), loss_fn=b.kd,
+                sm.qat(m, b.data, sm.TrainConfig(epochs=b.args.ft_epochs, lr=b.args.ft_lr), loss_fn=b.kd,
                        progress=b.progress)
             else:
                 b.finetune(m)
@@ -275,7 +276,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prune-epochs", type=float, default=2.0)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=2e-3, help="pruning's fine-tuning")
+    ap.add_argument("--ft-lr", type=float, default=2e-4, help="fine-tuning of centroids, scales, QAT (AdamW moves every "
+                    "parameter by ~lr per step: 2e-3 moved the small centroids too far)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="out/bench/weight_sharing.json")
     ap.add_argument("--redo", action="store_true")

@@ -647,9 +647,17 @@ def test_container_header_lies_about_dtype(containers, tmp_path):
 
 
 def test_container_header_lies_about_shape(containers, tmp_path):
-    def edit(header, data):
-        header["fc2.weight_scale"]["shape"] = [5, 2]      # same byte count as [10]
-    assert_load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "does not fit this model or is corrupt")
+    def edit(manifest):      # small tensors travel in one blob, their shapes in the manifest's table
+        manifest["small"]["fc2.weight_scale"][1] = [5, 2]      # same byte count as [10]
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", None, edit), mlp(),
+                        "does not fit this model or is corrupt")
+
+
+def test_container_small_tensor_table_lies(containers, tmp_path):
+    def edit(manifest):
+        manifest["small"]["fc2.weight_scale"][2] = 10**9
+    assert_load_refused(edited(containers, tmp_path, "q4.smallify", None, edit), mlp(), "'fc2.weight_scale'",
+                        "runs past")
 
 
 @pytest.mark.parametrize("manifest_edit,message", [
@@ -693,8 +701,9 @@ def test_container_manifest_not_json(containers, tmp_path):
 
 
 def test_container_scale_not_finite(containers, tmp_path):
-    def edit(header, data):
-        a, _ = header["fc1.weight_scale"]["data_offsets"]
+    def edit(header, data):      # the scale sits in the blob of small tensors, at the manifest's offset
+        small = json.loads(header["__metadata__"]["smallify"])["small"]
+        a = header[":small"]["data_offsets"][0] + small["fc1.weight_scale"][2]
         return data[:a] + struct.pack("<f", float("nan")) + data[a + 4:]
     assert_load_refused(edited(containers, tmp_path, "q4.smallify", edit), mlp(), "scale of layer 'fc1'",
                  "must be finite positive floats")

@@ -226,9 +226,7 @@ TAMPERED = {
 }
 
 
-@pytest.mark.parametrize("case", [*sorted(TAMPERED), pytest.param("scope", marks=pytest.mark.xfail(
-    reason="a manifest scope/group_size that does not fit the shape raises ConfigError from rows_shape, not "
-    "ModelError (pack/shared.py rebuild)", strict=False))])
+@pytest.mark.parametrize("case", [*sorted(TAMPERED), "scope"])
 def test_codebook_and_indices_disagree(tmp_path, kmeans_run, case):
     edit = TAMPERED.get(case, lambda m, t: m["shared"][LAYER]["share"].update(scope="group", group_size=7))
     bad = tamper(kmeans_run[1], tmp_path / "bad.smallify", edit)

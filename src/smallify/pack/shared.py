@@ -27,7 +27,7 @@ def shared_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def save_records(model: nn.Module, tensors: dict) -> dict:
     """Replace each shared layer's indices / mask / float codebook in ``tensors`` by its coded records; returns
     the manifest's ``shared`` section (layer -> record)."""
-    from smallify.pack.entropy import encode
+    from smallify.pack.entropy import FAST_METHODS, encode
 
     records = {}
     for name, m in shared_layers(model):
@@ -38,7 +38,7 @@ def save_records(model: nn.Module, tensors: dict) -> dict:
             idx = torch.where(m.mask.reshape(-1), idx, torch.full_like(idx, k))
         alphabet = k + 1 if masked else k
         symbols = idx.numpy().astype(np.uint8 if alphabet <= 256 else np.uint16)
-        method, payload = encode(symbols, alphabet)
+        method, payload = encode(symbols, alphabet, FAST_METHODS)   # zstd of one byte per symbol never won
         tensors.pop(f"{name}.indices", None)
         tensors.pop(f"{name}.mask", None)
         tensors[f"{name}.indices:coded"] = torch.from_numpy(np.array(payload, dtype=np.uint8))
