@@ -236,3 +236,21 @@ def test_hashed_model_is_stored_as_buckets_and_loads_back_bit_exact(tmp_path):
     weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert abs(buckets - weights / 8) <= 4
     assert path.stat().st_size < sm.save(net, tmp_path / "f.smallify").stat().st_size / 3
+
+
+def test_train_with_a_checkpoint_learns_the_centroids_and_resumes(tmp_path):
+    net = sm.cluster(small_net(), sm.KMeans(clusters=8, scope="channel"), progress=False)
+    before = {n: m.indices.clone() for n, m in net.named_modules() if isinstance(m, SharedTwin)}
+    codebooks = {n: m.codebook.detach().clone() for n, m in net.named_modules() if isinstance(m, SharedTwin)}
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
+    data = sm.TrainData(X, y, batch_size=4)
+    ckpt = tmp_path / "run.ckpt"
+    sm.train(net, data, sm.TrainConfig(epochs=1, lr=1e-2, checkpoint_every=2), checkpoint=ckpt, progress=False)
+    assert ckpt.exists()
+    for n, m in net.named_modules():
+        if isinstance(m, SharedTwin):
+            assert torch.equal(m.indices, before[n]) and not torch.equal(m.codebook.detach(), codebooks[n])
+    again = sm.cluster(small_net(), sm.KMeans(clusters=8, scope="channel"), progress=False)
+    sm.train(again, data, sm.TrainConfig(epochs=1, lr=1e-2, checkpoint_every=2), checkpoint=ckpt, progress=False)
+    with torch.no_grad():       # the finished run's checkpoint restores the trained centroids exactly
+        assert torch.equal(again(X), net(X))

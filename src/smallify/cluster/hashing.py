@@ -235,9 +235,9 @@ TWINS: dict[type, type[HashedTwin]] = {nn.Linear: HashedLinear, nn.Conv2d: Hashe
 
 
 def twin_of(m: nn.Module) -> type[HashedTwin] | None:
-    if isinstance(m, HashedTwin) or not isinstance(getattr(m, "weight", None), torch.Tensor):
-        return None
-    return next((TWINS[c] for c in type(m).__mro__ if c in TWINS), None)
+    from smallify.cluster.modules import lookup
+
+    return lookup(m, TWINS, HashedTwin)
 
 
 # ---- the verb --------------------------------------------------------------------------------------------

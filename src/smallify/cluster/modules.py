@@ -122,10 +122,15 @@ TWINS: dict[type, type[SharedTwin]] = {nn.Linear: SharedLinear, nn.Conv2d: Share
                                        nn.Embedding: SharedEmbedding}
 
 
-def twin_of(m: nn.Module) -> type[SharedTwin] | None:
-    if isinstance(m, SharedTwin) or not isinstance(getattr(m, "weight", None), torch.Tensor):
+def lookup(m: nn.Module, table: dict[type, type], twin_base: type) -> type | None:
+    """The twin of ``m``'s type in ``table`` along its MRO; None for a twin already or a layer without weight."""
+    if isinstance(m, twin_base) or not isinstance(getattr(m, "weight", None), torch.Tensor):
         return None
-    return next((TWINS[c] for c in type(m).__mro__ if c in TWINS), None)
+    return next((table[c] for c in type(m).__mro__ if c in table), None)
+
+
+def twin_of(m: nn.Module) -> type[SharedTwin] | None:
+    return lookup(m, TWINS, SharedTwin)
 
 
 def expand(model: nn.Module) -> nn.Module:

@@ -70,7 +70,7 @@ def int8_grid(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 def rebuild(model: nn.Module, records: dict, path) -> nn.Module:
     """The shared structure of the manifest's records on ``model`` (BatchNorms folded first, as ``cluster``
     did), with placeholder values that the file's tensors then fill."""
-    from smallify.cluster.modules import TWINS, rows_shape
+    from smallify.cluster.modules import TWINS, lookup, rows_shape
     from smallify.quant.modules import replace_module
     from smallify.quant.weight_only import fold_batchnorm
 
@@ -85,7 +85,7 @@ def rebuild(model: nn.Module, records: dict, path) -> nn.Module:
         if m is None:
             raise ModelError(f"{path}: the file holds shared layer {name!r}, which the model lacks; build the "
                              "architecture the file was saved from")
-        twin = next((TWINS[c] for c in type(m).__mro__ if c in TWINS), None)
+        twin = lookup(m, TWINS, type(None))
         if twin is None or type(m).__name__ != rec["type"] and twin.float_type.__name__ != rec["type"]:
             raise ModelError(f"{path}: shared layer {name!r} is a {rec['type']} in the file and a "
                              f"{type(m).__name__} in the model")
