@@ -42,17 +42,8 @@ from smallify.measure.machine import cpu_info, cpu_summary
 from smallify.pack.container import read_manifest
 
 warnings.filterwarnings("ignore")
-
-
-class Packed(torch.nn.Module):
-    """(ids, mask) stacked in one tensor (batch, 2, seq): one input, as TrainData and cluster(data=) pass it."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x):
-        return self.m(x[:, 0], x[:, 1])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_minilm import Packed  # noqa: E402  (ids, mask) stacked in one input, as TrainData holds it
 
 
 def stack(tokens: dict[str, np.ndarray]) -> torch.Tensor:
