@@ -150,18 +150,13 @@ def pipeline(b: Bench) -> dict:
 def coder_sizes(model) -> dict[str, int]:
     """Total bytes of every layer's index stream under each coder alone, and under the per-layer best."""
     from smallify.pack.entropy import METHODS, encode, encode_as
+    from smallify.pack.shared import symbol_stream
 
     totals = {m: 0 for m in METHODS}
     totals["best per layer"] = 0
     for m in model.modules():
         if isinstance(m, SharedTwin):
-            k = int(m.codebook_values().shape[1])
-            idx = m.indices.reshape(-1).long()
-            alphabet = k
-            if m.mask is not None:
-                idx = torch.where(m.mask.reshape(-1), idx, torch.full_like(idx, k))
-                alphabet = k + 1
-            sym = idx.numpy().astype(np.uint8)
+            sym, alphabet = symbol_stream(m)
             for method in METHODS:
                 totals[method] += len(encode_as(method, sym, alphabet))
             totals["best per layer"] += len(encode(sym, alphabet)[1])

@@ -188,36 +188,12 @@ def quantize(
     typer.echo(f"wrote {out} ({format_bytes(file_size(out))}; float model {format_bytes(file_size(input))})")
     if check_speed:
         try:
-            typer.echo(speed_check(input, out, result.report))
+            from smallify.measure.isolated import speed_check
+
+            progress = (lambda msg: typer.echo(f"  timing {msg}", err=True)) if sys.stderr.isatty() else None
+            typer.echo(speed_check(input, out, result.report.round_trips, progress=progress))
         except SmallifyError as e:     # the output is written and correct; only the timing could not be made
             typer.echo(f"smallify: warning: no speed check: {e}", err=True)
-
-
-def speed_check(float_path: Path, quantized: Path, report, batches=(1, 32), rounds: int = 2,
-                seconds: float = 1.0) -> str:
-    """Time both models (ONNX Runtime, 2 threads, each in a fresh process, alternating) and say plainly whether
-    the quantized one is faster on this CPU."""
-    from smallify.measure.isolated import bench_isolated
-    from smallify.measure.machine import cpu_summary
-
-    import onnx
-
-    first = onnx.load(str(quantized), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    if first and first[0].HasField("dim_value"):
-        batches = (first[0].dim_value,)          # a fixed batch dimension: time that batch only
-    times = bench_isolated({"float": str(float_path), "quantized": str(quantized)}, batches, "onnxruntime", 2,
-                           seconds, rounds, progress=lambda msg: typer.echo(f"  timing {msg}", err=True)
-                           if sys.stderr.isatty() else None)
-    ratios = {b: times["quantized", b] / times["float", b] for b in batches}
-    lines = [f"speed check (ONNX Runtime, 2 threads, each model in its own process; {cpu_summary()}):"]
-    lines += [f"  batch {b}: {times['float', b]:.2f} ms float, {times['quantized', b]:.2f} ms quantized: "
-              f"{r:.2f}x" for b, r in ratios.items()]
-    slower = [b for b, r in ratios.items() if r >= 1.0]
-    if slower:
-        why = ", ".join(f"{op} x{n}" for op, n in sorted(report.round_trips.items()))
-        lines.append(f"  no speed-up at batch {', '.join(map(str, slower))} on this CPU: keep the float model there"
-                     + (f" (operators without integer kernels, each a float round trip: {why})" if why else ""))
-    return "\n".join(lines)
 
 
 def _note_half_calibration(calib: Path) -> None:

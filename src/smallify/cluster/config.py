@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 
 from smallify.config import Config, check_choice
@@ -42,9 +41,6 @@ class Share(Config):
     @property
     def k(self) -> int:
         raise NotImplementedError
-
-    def index_bits(self) -> int:
-        return max(1, math.ceil(math.log2(self.k)))
 
 
 @dataclasses.dataclass

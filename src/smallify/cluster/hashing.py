@@ -206,16 +206,10 @@ class HashedTwin:
 
     def to_float(self) -> nn.Module:
         """The plain float layer with the expanded weight (for ONNX export, or to drop the hashing)."""
-        m = copy.copy(self)
-        m.__class__ = self.float_type
-        w = self.weight.detach().clone()
-        m._parameters = {"weight": nn.Parameter(w), **{k: v for k, v in self._parameters.items() if k != "buckets"}}
-        m._buffers = {k: v for k, v in self._buffers.items() if k not in ("bucket_index", "bucket_sign")}
-        m._non_persistent_buffers_set = self._non_persistent_buffers_set - {"bucket_index", "bucket_sign"}
-        m._modules = dict(self._modules)
-        for attr in ("weight_shape", "hash_seed", "num_buckets"):
-            m.__dict__.pop(attr, None)
-        return m
+        from smallify.cluster.modules import plain_layer
+
+        return plain_layer(self, ("buckets",), ("bucket_index", "bucket_sign"), ("weight_shape", "hash_seed",
+                                                                               "num_buckets"))
 
     def extra_repr(self) -> str:
         return (f"{self.float_type.extra_repr(self)}, buckets={self.num_buckets}, "

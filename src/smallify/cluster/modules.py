@@ -37,6 +37,21 @@ def rows_shape(shape: tuple[int, ...], scope: str, group_size: int | None) -> tu
     return numel // group_size, group_size
 
 
+def plain_layer(twin: nn.Module, params: tuple[str, ...], buffers: tuple[str, ...], attrs: tuple[str, ...]) -> nn.Module:
+    """A copy of ``twin`` (a shared or hashed layer) as its plain ``float_type`` holding the expanded weight, its
+    own ``params``, ``buffers`` and ``attrs`` dropped."""
+    m = copy.copy(twin)
+    m.__class__ = twin.float_type
+    m._parameters = {"weight": nn.Parameter(twin.weight.detach().clone()),
+                     **{k: v for k, v in twin._parameters.items() if k not in params}}
+    m._buffers = {k: v for k, v in twin._buffers.items() if k not in buffers}
+    m._non_persistent_buffers_set = twin._non_persistent_buffers_set - set(buffers)
+    m._modules = dict(twin._modules)
+    for attr in attrs:
+        m.__dict__.pop(attr, None)
+    return m
+
+
 class SharedTwin:
     """Mixin of the shared layers; ``share`` records how the codebook was made (kind, scope, group size, k)."""
 
@@ -83,16 +98,8 @@ class SharedTwin:
 
     def to_float(self) -> nn.Module:
         """The plain float layer with the expanded weight (for export, or to drop the sharing)."""
-        m = copy.copy(self)
-        m.__class__ = self.float_type
-        w = self.weight.detach().clone()
-        m._parameters = {"weight": nn.Parameter(w), **{k: v for k, v in self._parameters.items()
-                                                       if k not in ("codebook", "scale")}}
-        m._buffers = {k: v for k, v in self._buffers.items() if k not in ("indices", "mask", "levels", "codebook_scale")}
-        m._modules = dict(self._modules)
-        for attr in ("weight_shape", "share"):
-            m.__dict__.pop(attr, None)
-        return m
+        return plain_layer(self, ("codebook", "scale"), ("indices", "mask", "levels", "codebook_scale"),
+                           ("weight_shape", "share"))
 
     def extra_repr(self) -> str:
         base = self.float_type.extra_repr(self)

@@ -54,3 +54,29 @@ def bench_isolated(models: dict[str, str | os.PathLike], batches=(1, 32), runtim
                     progress(f"round {r + 1}/{rounds}: {label} batch {batch} ({runtime})")
                 runs.setdefault((label, batch), []).append(time_in_process(path, runtime, batch, threads, seconds))
     return {k: float(np.median(v)) for k, v in runs.items()}
+
+
+def speed_check(float_path, quantized, round_trips: dict | None = None, batches=(1, 32), rounds: int = 2,
+                seconds: float = 1.0, progress=None) -> str:
+    """Time a float ONNX model and its quantized form (ONNX Runtime, 2 threads, each in a fresh process,
+    alternating) and say plainly whether the quantized one is faster on this CPU; ``round_trips`` (operator ->
+    count of float round trips, from the quantization report) explains a missing speed-up."""
+    import onnx
+
+    from smallify.measure.machine import cpu_summary
+
+    first = onnx.load(str(quantized), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if first and first[0].HasField("dim_value"):
+        batches = (first[0].dim_value,)          # a fixed batch dimension: time that batch only
+    times = bench_isolated({"float": str(float_path), "quantized": str(quantized)}, batches, "onnxruntime", 2,
+                           seconds, rounds, progress=progress)
+    ratios = {b: times["quantized", b] / times["float", b] for b in batches}
+    lines = [f"speed check (ONNX Runtime, 2 threads, each model in its own process; {cpu_summary()}):"]
+    lines += [f"  batch {b}: {times['float', b]:.2f} ms float, {times['quantized', b]:.2f} ms quantized: "
+              f"{r:.2f}x" for b, r in ratios.items()]
+    slower = [b for b, r in ratios.items() if r >= 1.0]
+    if slower:
+        why = ", ".join(f"{op} x{n}" for op, n in sorted((round_trips or {}).items()))
+        lines.append(f"  no speed-up at batch {', '.join(map(str, slower))} on this CPU: keep the float model there"
+                     + (f" (operators without integer kernels, each a float round trip: {why})" if why else ""))
+    return "\n".join(lines)

@@ -32,7 +32,24 @@ import zlib
 import numpy as np
 
 from smallify.errors import ConfigError, ModelError
-from smallify.quant.packing import pack, unpack
+from smallify.pack.bitio import (
+    _PIECE,
+    _as_bytes,
+    _bits_for,
+    _pack_uint,
+    _packed_size,
+    _Reader,
+    _unpack_uint,
+    _varint,
+)
+from smallify.pack.rans import (  # noqa: F401  (rans_frequencies, _rans_chunk: this module's API and tests use them)
+    RANS_LANES,
+    RANS_PRECISION,
+    _decode_rans,
+    _encode_rans,
+    _rans_chunk,
+    rans_frequencies,
+)
 
 MAX_CODE_LENGTH = 16                 # longest Huffman code; the decode table has 2**L entries
 MAX_ALPHABET = 2 ** 16
@@ -41,93 +58,6 @@ CHUNK_RANGE = (256, 2048)            # symbols per chunk ~ 2 sqrt(count) within 
                                      # header; the decode loop runs once per symbol of a chunk)
 ZSTD_LEVEL = 19
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}]
-_PIECE = 1 << 20                     # symbols packed per call (a multiple of 8: every piece ends on a byte)
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-def _bits_for(alphabet: int) -> int:
-    return (alphabet - 1).bit_length()          # ceil(log2 alphabet); 0 for a one-symbol alphabet
-
-
-def _pack_uint(values: np.ndarray, width: int) -> np.ndarray:
-    """Non-negative integers (< 2**width, width 0..64) packed at ``width`` bits: whole bytes first (8 bits per
-    value each), then the remaining width % 8 bits, each plane through ``pack`` and in pieces to bound memory."""
-    out, shift = [], 0
-    while shift < width:
-        bits = min(8, width - shift)
-        for i in range(0, values.size, _PIECE):
-            v = values[i:i + _PIECE]
-            if width > 8:
-                v = (v.astype(np.uint64) >> np.uint64(shift)) & np.uint64(2 ** bits - 1)
-            out.append(pack(v, bits, 0))
-        shift += bits
-    return np.concatenate(out) if out else np.zeros(0, np.uint8)
-
-
-def _packed_size(count: int, width: int) -> int:
-    return (width // 8) * count + -(-(width % 8) * count // 8)
-
-
-def _unpack_uint(data: np.ndarray, width: int, count: int) -> np.ndarray:
-    """Inverse of ``_pack_uint``; ``data`` must hold exactly ``_packed_size(count, width)`` bytes."""
-    if width in (1, 2, 4):                      # whole values per byte: shifts, ~10x faster than ``unpack``
-        return ((data[:, None] >> np.arange(0, 8, width, dtype=np.uint8)) & (2 ** width - 1)).ravel()[:count]
-    out, shift, at = np.zeros(count, np.uint8 if width <= 8 else np.uint64), 0, 0
-    while shift < width:
-        bits = min(8, width - shift)
-        size = -(-bits * count // 8)
-        plane, step = data[at:at + size], _PIECE * bits // 8
-        parts = [unpack(plane[j * step:(j + 1) * step], bits, 0, min(_PIECE, count - i))
-                 for j, i in enumerate(range(0, count, _PIECE))]
-        if parts:
-            out |= np.concatenate(parts).astype(out.dtype) << out.dtype.type(shift)
-        shift, at = shift + bits, at + size
-    return out
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-class _Reader:
-    """Reads a payload front to back; running past its end is a ModelError."""
-
-    def __init__(self, data: np.ndarray, method: str):
-        self.data, self.at, self.method = data, 0, method
-
-    def fail(self, what: str):
-        raise ModelError(f"corrupt {self.method!r} entropy-coded payload: {what}")
-
-    def take(self, n: int) -> np.ndarray:
-        if n < 0 or self.at + n > self.data.size:
-            self.fail(f"truncated ({self.data.size} bytes, {self.at + n} needed)")
-        self.at += n
-        return self.data[self.at - n:self.at]
-
-    def varint(self, limit: int = 2 ** 63) -> int:
-        n = shift = 0
-        for _ in range(10):
-            byte = int(self.take(1)[0])
-            n |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if n > limit:
-                    self.fail(f"a header value {n} is above {limit}")
-                return n
-        self.fail("a varint runs past 10 bytes")
-
-    def rest(self) -> np.ndarray:
-        return self.take(self.data.size - self.at)
-
-
-def _as_bytes(symbols: np.ndarray) -> np.ndarray:
-    return symbols.astype(symbols.dtype.newbyteorder("<"), copy=False).view(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------- Huffman
@@ -278,124 +208,6 @@ def _decode_huffman(r: _Reader, count: int, alphabet: int) -> np.ndarray:
     if not np.array_equal(pos, ends[:pos.size]):
         r.fail("a chunk's codes do not end where its bit length says")
     return out.T.ravel()[:count]         # a window no code starts decodes to ``alphabet``: decode rejects it
-
-
-# --------------------------------------------------------------------------------------------------- rANS
-
-RANS_PRECISION = 16                  # symbol frequencies are quantized to sum 2**16
-RANS_LANES = 2048                    # rANS lanes coded in lockstep, at most
-_RANS_LOW = 1 << 31                  # 64-bit states live in [2**31, 2**63); 32-bit words are moved out and in
-
-
-def rans_frequencies(counts: np.ndarray, precision: int = RANS_PRECISION) -> np.ndarray:
-    """``counts`` scaled to integers that sum to 2**precision, every present symbol at least 1."""
-    total, scale = int(counts.sum()), 1 << precision
-    f = counts * scale // max(total, 1)
-    f[(counts > 0) & (f == 0)] = 1
-    order = np.argsort(-counts, kind="stable")
-    while f.sum() != scale:                       # give the rounding slack to, or take it from, the most frequent
-        diff = scale - int(f.sum())
-        if diff > 0:
-            f[order[0]] += diff
-        else:
-            big = order[f[order] > 1][:-diff]
-            f[big] -= 1
-    return f
-
-
-def _rans_chunk(count: int) -> int:
-    """Symbols a lane: ~8 sqrt(count) within 256..8192, and at most RANS_LANES lanes (each costs an 8-byte state;
-    the decode loop runs once per symbol of a lane)."""
-    return max(1, min(count, max(-(-count // RANS_LANES), min(8192, max(256, math.ceil(8 * math.sqrt(count)))))))
-
-
-def _encode_rans(symbols: np.ndarray, alphabet: int) -> bytes:
-    """Interleaved rANS (64-bit states, 32-bit renormalization): chunk j of the symbols is coded by lane j, all
-    lanes in lockstep, last symbol first (so the decoder reads forwards)."""
-    count = symbols.size
-    if count == 0:
-        return bytes([0])
-    counts = np.bincount(symbols, minlength=alphabet)
-    freq = rans_frequencies(counts)
-    start = (np.cumsum(freq) - freq).astype(np.uint64)
-    chunk = _rans_chunk(count)
-    chunks = -(-count // chunk)
-    grid = np.zeros(chunks * chunk, np.int32)
-    grid[:count] = symbols
-    grid = np.ascontiguousarray(grid.reshape(chunks, chunk).T)     # (chunk, chunks): step t of every lane
-    last = count - chunk * (chunks - 1)
-    f64 = freq.astype(np.uint64)
-    x = np.full(chunks, _RANS_LOW, np.uint64)
-    words = np.zeros((chunk, chunks), np.uint32)
-    moved = np.zeros((chunk, chunks), bool)
-    b = np.uint64(RANS_PRECISION)
-    for t in range(chunk - 1, -1, -1):
-        n = chunks if t < last else chunks - 1
-        s = grid[t, :n]
-        f, xs = f64[s], x[:n]
-        out = xs >= (f << np.uint64(63 - RANS_PRECISION))          # x would leave [L, 2**63): move 32 bits out
-        words[t, :n] = np.where(out, xs & np.uint64(0xFFFFFFFF), 0)
-        moved[t, :n] = out
-        xs = np.where(out, xs >> np.uint64(32), xs)
-        x[:n] = ((xs // f) << b) + xs % f + start[s]
-    per_lane = moved.sum(0)
-    base = int(per_lane.min())
-    width = int(per_lane.max() - base).bit_length()
-    head = bytes([RANS_PRECISION]) + _pack_uint(freq, RANS_PRECISION + 1).tobytes() + _varint(chunk) \
-        + x.astype("<u8").tobytes() + _varint(base) + bytes([width]) + _pack_uint(per_lane - base, width).tobytes()
-    return head + words.T[moved.T].astype("<u4").tobytes()
-
-
-def _decode_rans(r: _Reader, count: int, alphabet: int) -> np.ndarray:
-    precision = int(r.take(1)[0])
-    if count == 0:
-        if precision or r.rest().size:
-            r.fail("a payload of 0 symbols holds codes")
-        return np.zeros(0, np.int64)
-    if precision != RANS_PRECISION:
-        r.fail(f"frequency precision {precision} is not {RANS_PRECISION}")
-    freq = _unpack_uint(r.take(_packed_size(alphabet, precision + 1)), precision + 1, alphabet).astype(np.int64)
-    if freq.sum() != 1 << precision:
-        r.fail(f"the frequencies sum to {freq.sum()}, not {1 << precision}")
-    chunk = r.varint()
-    if not 1 <= chunk <= count:
-        r.fail(f"chunk length {chunk} is outside 1..{count}")
-    chunks = -(-count // chunk)
-    x = r.take(8 * chunks).view("<u8").astype(np.uint64)
-    if ((x < _RANS_LOW) | (x >= np.uint64(1 << 63))).any():
-        r.fail("a lane's state is outside [2**31, 2**63)")
-    base, width = r.varint(2 ** 48), int(r.take(1)[0])
-    if width > 48:
-        r.fail(f"word-count width {width} is above 48 bits")
-    per_lane = _unpack_uint(r.take(_packed_size(chunks, width)), width, chunks).astype(np.int64) + base
-    data = r.rest()
-    if data.size != 4 * int(per_lane.sum()) or (per_lane > chunk).any():
-        r.fail(f"{data.size} bytes of words, {4 * int(per_lane.sum())} expected")
-    words = np.concatenate([data.view("<u4"), np.zeros(chunk + 1, np.uint32)]).astype(np.uint64)  # pad: see ptr
-    ends = np.cumsum(per_lane)
-    ptr = ends - per_lane
-    slot_symbol = np.repeat(np.arange(alphabet), freq)
-    f64, start = freq.astype(np.uint64), (np.cumsum(freq) - freq).astype(np.uint64)
-    b, mask = np.uint64(precision), np.uint64((1 << precision) - 1)
-    out = np.empty((chunk, chunks), np.int32)
-    last = count - chunk * (chunks - 1)
-    for t in range(chunk):
-        if t == last:                                     # the last lane is done
-            if x[-1] != _RANS_LOW or ptr[-1] != ends[-1]:
-                r.fail("the last lane does not end in the encoder's first state")
-            x, ptr = x[:-1], ptr[:-1]
-        slot = x & mask
-        s = slot_symbol[slot]
-        out[t, :x.size] = s
-        x = f64[s] * (x >> b) + slot - start[s]
-        need = np.flatnonzero(x < _RANS_LOW)
-        x[need] = (x[need] << np.uint64(32)) | words[ptr[need]]
-        ptr[need] += 1
-    if last < chunk:
-        out[last:, -1] = 0
-    if (x != _RANS_LOW).any() or not np.array_equal(ptr, ends[:ptr.size]):
-        r.fail("a lane does not end in the encoder's first state")
-    return out.T.ravel()[:count]
 
 
 # --------------------------------------------------------------------------------------------------- coders

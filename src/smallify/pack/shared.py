@@ -31,27 +31,32 @@ def save_records(model: nn.Module, tensors: dict) -> dict:
 
     records = {}
     for name, m in shared_layers(model):
-        k = int(m.codebook_values().shape[1])
-        idx = m.indices.reshape(-1).to(torch.int64)
+        symbols, alphabet = symbol_stream(m)
         masked = m.mask is not None
-        if masked:
-            idx = torch.where(m.mask.reshape(-1), idx, torch.full_like(idx, k))
-        alphabet = k + 1 if masked else k
-        symbols = idx.numpy().astype(np.uint8 if alphabet <= 256 else np.uint16)
         method, payload = encode(symbols, alphabet, FAST_METHODS)   # zstd of one byte per symbol never won
         tensors.pop(f"{name}.indices", None)
         tensors.pop(f"{name}.mask", None)
         tensors[f"{name}.indices:coded"] = torch.from_numpy(np.array(payload, dtype=np.uint8))
         record = {"share": dict(m.share), "type": type(m).float_type.__name__, "shape": list(m.weight_shape),
-                  "masked": masked, "coder": method, "alphabet": alphabet, "count": int(idx.numel())}
+                  "masked": masked, "coder": method, "alphabet": alphabet, "count": int(symbols.size)}
         grid = int8_grid(m)
         if grid is not None:
-            q, scale = grid
+            q = grid[0]         # its scale is the layer's codebook_scale buffer, stored as it is
             tensors.pop(f"{name}.codebook")
             tensors[f"{name}.codebook:int8"] = q
             record["codebook"] = "int8"
         records[name] = record
     return records
+
+
+def symbol_stream(m: nn.Module) -> tuple[np.ndarray, int]:
+    """(one symbol per weight: its index, or k for a pruned zero; the alphabet k or k + 1) of a shared layer."""
+    k = int(m.codebook_values().shape[1])
+    idx = m.indices.reshape(-1).to(torch.int64)
+    if m.mask is not None:
+        idx = torch.where(m.mask.reshape(-1), idx, torch.full_like(idx, k))
+    alphabet = k + 1 if m.mask is not None else k
+    return idx.numpy().astype(np.uint8 if alphabet <= 256 else np.uint16), alphabet
 
 
 def int8_grid(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
