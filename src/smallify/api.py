@@ -74,7 +74,10 @@ def quantize(model, config: Int8Static | None = None, data=None, out: str | os.P
             raise ConfigError("out= applies to ONNX models; for a PyTorch model call export_onnx(qmodel, path, example)"
                               " or smallify.save(qmodel, path)")
         check_finite_weights(model, config)
-        return _call(quantizer_for(config, "pytorch"), model, config, data=data, eval_fn=eval_fn, progress=progress)
+        from smallify.lowrank.modules import carry_structure
+
+        result = _call(quantizer_for(config, "pytorch"), model, config, data=data, eval_fn=eval_fn, progress=progress)
+        return carry_structure(model, result)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         from smallify.onnx import io as onnx_io
 

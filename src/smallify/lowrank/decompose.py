@@ -10,7 +10,6 @@ for ``distill`` (the original as teacher), ``export_onnx``, ``save`` and the oth
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -281,8 +280,11 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
     if not isinstance(model, nn.Module):
         raise ModelError(f"decompose() takes a torch.nn.Module; got {type(model).__name__} (for an ONNX file, "
                          "decompose the PyTorch model and export it)")
+    from smallify.quant.weight_only import fold_batchnorm
+
     start = time.perf_counter()
-    model = copy.deepcopy(model)
+    model = fold_batchnorm(model)      # a copy; folded first, so that quantizing later cannot fold a BatchNorm
+    #                                   into a decomposed layer's last part by re-tracing (and losing) its structure
     inside = {n for n, m in model.named_modules() if isinstance(m, Decomposed)}
     reports: list[LowRankLayer] = []
     chosen: dict[str, nn.Module] = {}

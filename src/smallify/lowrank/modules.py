@@ -120,14 +120,36 @@ def from_spec(spec, where: str) -> Decomposed:
 
 
 def decomposed_layers(model: nn.Module) -> dict[str, dict]:
-    """name -> parts_spec of every Decomposed layer in ``model`` (what the container's manifest records)."""
-    return {n: parts_spec(m) for n, m in model.named_modules() if isinstance(m, Decomposed)}
+    """name -> parts_spec of every Decomposed layer in ``model`` (what the container's manifest records), and
+    of those a verb's re-tracing turned into plain containers (``carry_structure``)."""
+    out = dict(getattr(model, "smallify_decomposed", None) or {})
+    out.update({n: parts_spec(m) for n, m in model.named_modules() if isinstance(m, Decomposed)})
+    return out
+
+
+def carry_structure(source: nn.Module, result: nn.Module) -> nn.Module:
+    """Keep on ``result`` (a verb's output, e.g. a torch.fx GraphModule from quantization, whose re-traced
+    containers are plain modules) the structure records of ``source`` that ``save`` writes: the decomposed
+    layers and the residual branches pruning removed."""
+    from smallify.prune.branches import removed_branches
+
+    decomposed = decomposed_layers(source)
+    if decomposed and isinstance(result, nn.Module):
+        result.smallify_decomposed = decomposed
+    branches = removed_branches(source)
+    meta = getattr(result, "meta", None)
+    if branches and isinstance(meta, dict) and not meta.get("smallify_removed_branches"):
+        meta["smallify_removed_branches"] = branches
+    return result
 
 
 def rebuild(model: nn.Module, specs, path) -> nn.Module:
-    """Put an empty Decomposed at every layer the manifest lists (``load``; the weights come after)."""
+    """Put an empty Decomposed at every layer the manifest lists (``load``; the weights come after), on the
+    model with its BatchNorms folded, as ``decompose`` made it."""
     from smallify.quant.modules import replace_module
+    from smallify.quant.weight_only import fold_batchnorm
 
+    model = fold_batchnorm(model)
     if not isinstance(specs, dict):
         raise ModelError(f"{path}: the manifest's 'decomposed' must map layer names to their parts")
     names = dict(model.named_modules())

@@ -3,8 +3,9 @@
 Layout: one safetensors file. Weights on an integer grid are bit-packed (``quant/packing.py``: b bits per
 weight) under ``<layer>.weight:packed``, FP8 weights are float8 tensors; symmetric grids store no zero points;
 float tensors that are at least half zeros (pruned) are stored as a bit mask and their nonzero values; scales, zero points, biases and every other tensor are stored as they are. The
-safetensors metadata holds the manifest: the config that made the model, each layer's grid and the residual
-branches pruning removed (``prune/branches.py``; rebuilt by the same graph rewrite). ``load`` builds
+safetensors metadata holds the manifest: the config that made the model, each layer's grid, the residual
+branches pruning removed (``prune/branches.py``; rebuilt by the same graph rewrite) and the layers low-rank
+decomposition split into smaller ones (``lowrank/modules.py``: each part's type and shape). ``load`` builds
 the compressed structure from the manifest on a float model the caller constructs (so no code is read from
 the file), then fills it: the output equals the saved model's.
 """
@@ -144,6 +145,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     removed = removed_branches(model)
     if removed:
         manifest["removed_branches"] = removed
+    from smallify.lowrank.modules import decomposed_layers
+
+    decomposed = decomposed_layers(model)
+    if decomposed:
+        manifest["decomposed"] = decomposed
     return files.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest, separators=(",", ":"))}))
 
 
@@ -374,6 +380,10 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
     specs = {name: _spec_from(info["spec"], name) for name, info in layers.items()}
     if manifest.get("removed_branches"):
         model = remove_branches(model, manifest["removed_branches"])
+    if manifest.get("decomposed"):
+        from smallify.lowrank.modules import rebuild as rebuild_decomposed
+
+        model = rebuild_decomposed(model, manifest["decomposed"], path)
     shared = manifest.get("shared") or {}
     if shared:
         from smallify.pack.shared import rebuild
