@@ -37,8 +37,9 @@ class LowRank(Config):
 
     ``runtime`` ('onnxruntime', 'openvino' or None): each decomposed layer is timed against the original on
     its real input shape at ``batch`` with ``threads`` (cached per shape) and kept only when at least
-    ``min_speedup`` times faster; None: no timing. ``refit``: with data, the last part is re-solved by least
-    squares on the layer's inputs. ``layers``: only these (fnmatch patterns; a named layer that cannot be
+    ``min_speedup`` times faster; None: no timing. ``aware`` (with data): errors are output errors on the data,
+    SVD is whitened by the input covariance and every other form's last part is re-solved by least squares on
+    the layer's inputs; False: weight-space errors and fits (the data then only gives shapes and MACs). ``layers``: only these (fnmatch patterns; a named layer that cannot be
     decomposed is an error), ``skip``: never these."""
 
     kind = "lowrank"
@@ -55,7 +56,7 @@ class LowRank(Config):
     batch: int = 1
     threads: int = 2
     min_speedup: float = 1.0
-    refit: bool = True
+    aware: bool = True
     damp: float = 0.01
 
     def __post_init__(self):
@@ -92,6 +93,8 @@ class LowRank(Config):
         if isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, numbers.Real) or self.min_speedup <= 0:
             raise ConfigError(f"min_speedup={self.min_speedup!r} is not supported; accepted: a number > 0 (1.0: "
                               "faster at all)")
+        if not isinstance(self.aware, bool):
+            raise ConfigError(f"aware={self.aware!r} is not supported; accepted: true or false")
         if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real) or not 0 <= self.damp < 1:
             raise ConfigError(f"damp={self.damp!r} is not supported; accepted: a number in [0, 1)")
         self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)

@@ -182,7 +182,7 @@ class _Scorer:
     def __init__(self, m: nn.Module, method: str, S: torch.Tensor | None, config: LowRank):
         self.W4 = m.weight.detach().double()
         self.W = self.W4.reshape(self.W4.shape[0], -1)
-        self.method, self.S, self.refit, self.damp = method, S, config.refit and S is not None, config.damp
+        self.method, self.S, self.refit, self.damp = method, S, S is not None, config.damp
         self.fit = {"svd": lambda: fa.SVDFit(self.W, S, config.damp), "spatial": lambda: fa.SpatialFit(self.W4),
                     "separable": lambda: fa.SeparableFit(self.W4), "tucker": lambda: None}[method]()
 
@@ -203,7 +203,7 @@ class _Scorer:
         return fa.relative_error(self.W, f.composite(), self.S)
 
 
-def _stats(model: nn.Module, chosen: dict[str, nn.Module], data) -> tuple[dict, dict, torch.Tensor | None]:
+def input_stats(model: nn.Module, chosen: dict[str, nn.Module], data) -> tuple[dict, dict, torch.Tensor | None]:
     """(name -> input shape without batch, name -> patch second moments (D x D) or None, the first input)."""
     from smallify.data import first_batches, inputs_and_labels, run_hooked
 
@@ -319,7 +319,9 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
         need = "the speed check" if config.runtime is not None else "macs="
         raise ConfigError(f"{need} needs data= (one batch of inputs is enough: each layer's input shape); or pass "
                           "runtime=None" + (" and params= instead of macs=" if config.macs is not None else ""))
-    shapes, moments, example = _stats(model, chosen, data)
+    shapes, moments, example = input_stats(model, chosen, data)
+    if not config.aware:
+        moments = {}
     total_macs = 0
     if example is not None:
         from smallify.measure.macs import count_macs
