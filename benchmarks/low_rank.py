@@ -14,9 +14,10 @@ fmnist:   ``smallify.decompose(model, LowRank(macs=M), data=256 training images)
 methods:  every method at one matched budget (``--methods-macs`` of the model's MACs), before and after
           ``--methods-epochs`` of distillation: spatial, tucker, separable (least-squares fit on the data),
           auto. Top-1, MACs, latency as above.
-peers:    tensorly's Tucker (``partial_tucker``) and CP (``parafac``, rank R: the 4-way CP of Lebedev et al.) on
-          the same 3x3 layers at the same ranks as smallify's Tucker-2 / spatial forms, before fine-tuning:
-          relative weight error and output error on the data; then plain SVD against activation-aware SVD
+peers:    tensorly's Tucker (``partial_tucker``) at the same ranks as smallify's Tucker-2 (half the channels each
+          way), and CP (``parafac``, the 4-way CP of Lebedev et al.) at the spatial form's rank (2C: about half the
+          layer's MACs) and at the CP rank with the same MACs, on the same 3x3 layers, before fine-tuning:
+          relative weight error, and the spatial form's output error on the data; then plain SVD against activation-aware SVD
           at the same ranks (the Linear classifier and 1x1 shortcut convolutions, and every 3x3 conv by the
           spatial form with and without the least-squares refit).
 resnet18: ResNet-18 at 224x224 with random weights (speed only): spatial, tucker and separable at
@@ -203,8 +204,12 @@ def peers(b: Bench) -> dict:
     convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
              and m.in_channels > 1}
     inputs = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.setdefault(n, a[0].detach()))
-               for n, m in convs.items()]
+    def keep(name):
+        def hook(mod, args, out):       # returns None: the layer's output is left alone
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in convs.items()]
     with torch.no_grad():
         model(b.fit_data)
     for h in handles:
@@ -216,27 +221,32 @@ def peers(b: Bench) -> dict:
         O, C = W4.shape[:2]
         x = inputs[name]
         r_out, r_in = O // 2, C // 2
-        ours = fa.tucker_factors(W4, r_out, r_in)
+        ours = fa.tucker_factors(W4, r_out, r_in, sweeps=50)
         core, factors = partial_tucker(tl.tensor(W4), rank=[r_out, r_in], modes=[0, 1], init="svd", n_iter_max=100)[0]
         theirs = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
         rec = {"layer": name, "shape": list(W4.shape), "tucker_ranks": [r_out, r_in],
                "tucker_err_smallify": fa.relative_error(W4.reshape(O, -1), ours.composite()),
                "tucker_err_tensorly": fa.relative_error(W4.reshape(O, -1), theirs.reshape(O, -1)),
                "tucker_out_err_smallify": _output_error(conv, build(conv, ours), x)}
-        rank = 2 * C       # the spatial form's rank at the same MACs share, and the CP rank compared with it
+        rank = 2 * C       # the spatial form at about half the layer's MACs
+        # CP-4 (Lebedev et al.: 1x1 C->R, kx1 and 1xk depthwise, 1x1 R->O) at the same MACs per pixel
+        cp_rank = round(rank * 3 * (C + O) / (C + O + 6))
         sp = fa.SpatialFit(W4).at(rank)
-        cp = parafac(tl.tensor(W4), rank=rank, init="svd", n_iter_max=200, tol=1e-8)
-        cp_w = tl.cp_to_tensor(cp)
+        cp_errors = {}
+        for r in (rank, cp_rank):
+            cp_w = tl.cp_to_tensor(parafac(tl.tensor(W4), rank=r, init="svd", n_iter_max=200, tol=1e-8))
+            cp_errors[r] = fa.relative_error(W4.reshape(O, -1), cp_w.reshape(O, -1))
         S = stats[name]
         refit = fa.with_last(sp, fa.refit_last(W4.reshape(O, -1), sp.K, S))
-        rec.update({"spatial_rank": rank,
+        rec.update({"spatial_rank": rank, "cp_rank": cp_rank,
                     "spatial_err_smallify": fa.relative_error(W4.reshape(O, -1), sp.composite()),
-                    "cp_err_tensorly": fa.relative_error(W4.reshape(O, -1), cp_w.reshape(O, -1)),
+                    "cp_err_tensorly_same_rank": cp_errors[rank], "cp_err_tensorly_same_macs": cp_errors[cp_rank],
                     "spatial_out_err_plain": _output_error(conv, build(conv, sp), x),
                     "spatial_out_err_refit": _output_error(conv, build(conv, refit), x)})
         rows.append(rec)
         print(f"  {name}: tucker {rec['tucker_err_smallify']:.4f} vs tensorly {rec['tucker_err_tensorly']:.4f}; "
-              f"spatial r{rank} {rec['spatial_err_smallify']:.4f} vs CP r{rank} {rec['cp_err_tensorly']:.4f}; "
+              f"spatial r{rank} {rec['spatial_err_smallify']:.4f} vs CP r{rank} {cp_errors[rank]:.4f} (r{cp_rank}, the "
+              f"same MACs: {cp_errors[cp_rank]:.4f}); "
               f"output error spatial {rec['spatial_out_err_plain']:.4f} -> refit {rec['spatial_out_err_refit']:.4f}",
               flush=True)
     svd_rows = []

@@ -186,11 +186,12 @@ class _Scorer:
         self.fit = {"svd": lambda: fa.SVDFit(self.W, S, config.damp), "spatial": lambda: fa.SpatialFit(self.W4),
                     "separable": lambda: fa.SeparableFit(self.W4), "tucker": lambda: None}[method]()
 
-    def factors(self, ranks: tuple[int, ...]) -> fa.Factors:
+    def factors(self, ranks: tuple[int, ...], final: bool = False) -> fa.Factors:
+        """The factorization at ``ranks``; Tucker is scored after 3 HOOI sweeps and built to convergence."""
         if self.method == "svd":
             f = fa.svd_factors(self.W4 if self.W4.ndim == 4 else self.W, ranks[0], fit=self.fit)
         elif self.method == "tucker":
-            f = fa.tucker_factors(self.W4, *ranks)
+            f = fa.tucker_factors(self.W4, *ranks, sweeps=50 if final else 3)
         else:
             f = self.fit.at(ranks[0])
         if self.refit and self.method != "svd":      # the whitened SVD is already the least-squares optimum
@@ -384,6 +385,10 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
                 continue
             layer.method, layer.ranks, layer.error = o.method, list(o.ranks), o.error
             layer.full_rank, layer.macs_after, layer.params_after = full_rank(m, o.method), o.macs, o.params
+            if o.method == "tucker":       # HOOI to convergence for the form that is built
+                sc = scorers[(name, o.method)]
+                o.factors = sc.factors(o.ranks, final=True)
+                layer.error = o.error = sc.error(o.factors)
             new = build(m, o.factors)
             if cache is not None:
                 in_shape = [config.batch] + shapes[name]

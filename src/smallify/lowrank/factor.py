@@ -159,18 +159,25 @@ def _leading(m: torch.Tensor, r: int) -> torch.Tensor:
     return _svd(m)[0][:, :r]
 
 
-def tucker_factors(W4: torch.Tensor, r_out: int, r_in: int, sweeps: int = 3) -> Factors:
+def tucker_factors(W4: torch.Tensor, r_out: int, r_in: int, sweeps: int = 3, tol: float = 1e-7) -> Factors:
     """Tucker-2 of W4 (O x C x kh x kw): U_out (O x r_out), core (r_out x r_in x kh x kw), U_in (C x r_in); HOSVD
-    start, then ``sweeps`` of higher-order orthogonal iteration (each lowers the weight-space error)."""
+    start, then up to ``sweeps`` of higher-order orthogonal iteration, each lowering the weight-space error,
+    stopped early once a sweep gains less than ``tol`` of the weight's energy."""
     W = W4.double()
     O, C, kh, kw = W.shape
     U_out = _leading(W.reshape(O, -1), r_out)
     U_in = _leading(W.transpose(0, 1).reshape(C, -1), r_in)
+    total, kept = float(W.pow(2).sum()) or 1.0, 0.0
     for _ in range(sweeps):
         proj = torch.einsum("ocij,cr->orij", W, U_in)                 # W x_1 U_in^T
         U_out = _leading(proj.reshape(O, -1), r_out)
         proj = torch.einsum("ocij,or->rcij", W, U_out)                # W x_0 U_out^T
-        U_in = _leading(proj.transpose(0, 1).reshape(C, -1), r_in)
+        U, s, _ = _svd(proj.transpose(0, 1).reshape(C, -1))
+        U_in = U[:, :r_in]
+        now = float(s[:r_in].pow(2).sum())                             # the core's energy = total - error
+        if now - kept < tol * total:
+            break
+        kept = now
     core = torch.einsum("ocij,or,cs->rsij", W, U_out, U_in)
     first = U_in.T.reshape(r_in, C, 1, 1)
     K = torch.einsum("rsij,cs->rcij", core, U_in).reshape(r_out, C * kh * kw)
