@@ -53,7 +53,7 @@ def whitener(S: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.T
     S = S.double()
     eye = torch.eye(S.shape[0], dtype=S.dtype)
     scale = float(S.diagonal().mean()) or 1.0
-    for extra in (damp, 10 * damp, 100 * damp, 1.0):
+    for extra in (damp, max(10 * damp, 1e-6), max(100 * damp, 1e-4), 1.0):
         L, info = torch.linalg.cholesky_ex(S + extra * scale * eye)
         if int(info) == 0:
             return L, torch.linalg.solve_triangular(L, eye, upper=False)
