@@ -487,6 +487,9 @@ def demo(
 from smallify.cluster.cli import cluster as _cluster_command  # noqa: E402  (it imports this module's helpers lazily)
 
 app.command("cluster")(_cluster_command)
+from smallify.lowrank.cli import decompose as _decompose_command  # noqa: E402
+
+app.command("decompose")(_decompose_command)
 
 
 def main() -> None:  # pragma: no cover
