@@ -92,7 +92,7 @@ def test_spatial_on_the_example_with_its_own_images(tmp_path, images):
     np.testing.assert_allclose(y.numpy(), logits(expected, images).numpy(), atol=1e-5, rtol=0)
     original = pretrained_fmnist_resnet()
     assert count_macs(loaded, images[:1]) <= 0.6 * count_macs(original, images[:1])
-    # measured: 62/64 same top-1 as the original (before any fine-tuning), relative logit error 0.11
+    # measured: 63/64 same top-1 as the original (no fine-tuning), relative logit error 0.0996
     assert (y.argmax(1) == logits(original, images).argmax(1)).float().mean() >= 0.9
     import onnxruntime as ort
 
