@@ -158,8 +158,9 @@ def test_the_speed_check_prints_its_timings(tmp_path, calib64, monkeypatch):
             for line in r.stdout.splitlines()
             for m in re.findall(r"^  (\S+) .*, (\d+\.\d{3}) -> (\d+\.\d{3}) ms", line)}
     assert sorted(rows) == ["fc", "layers.1.0.downsample.0", "layers.2.0.downsample.0"], r.stdout
-    for before, after, kept in rows.values():       # replaced only where it got faster
-        assert (after >= before) == kept
+    for before, after, kept in rows.values():       # replaced only where it got faster (3 decimals printed:
+        assert before > 0 and after > 0               # equal-looking times go either way)
+        assert kept if after > before else not kept if after < before else True
     assert (tmp_path / "cache" / "lowrank_speed.json").is_file()
     loaded = smallify.load(out, pretrained_fmnist_resnet())
     assert sorted(n for n, m in loaded.named_modules() if isinstance(m, Decomposed)) == \
