@@ -129,20 +129,23 @@ def first_batches(data, limit: int = 512) -> list:
     out, seen = [], 0
     for b in data:
         out.append(b)
-        seen += len(inputs_and_labels(b)[0])
+        inputs = inputs_and_labels(b)[0]
+        seen += len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) and inputs else len(inputs)
         if seen >= limit:
             break
     return out
 
 
 def run_hooked(model: torch.nn.Module, batches, hooks: dict, modules: dict) -> None:
-    """Run the inputs of ``batches`` through ``model`` (no grad) with forward hooks attached (layer name ->
+    """Run the inputs of ``batches`` through ``model`` (no grad; a dict of inputs is passed as keywords: a
+    tokenizer's output) with forward hooks attached (layer name ->
     ``hook(module, args, output)``; ``modules``: name -> module), then remove them."""
     handles = [modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
     try:
         with torch.no_grad():
             for b in batches:
-                model(inputs_and_labels(b)[0])
+                inputs = inputs_and_labels(b)[0]
+                model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     finally:
         for h in handles:
             h.remove()

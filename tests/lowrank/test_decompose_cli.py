@@ -138,7 +138,7 @@ def test_a_user_model_with_weights(tmp_path, user_net):
     x = torch.randn(16, 3, 10, 10, generator=torch.Generator().manual_seed(0))
     np.savez(tmp_path / "x.npz", x=x.numpy())
     out = tmp_path / "u.smallify"
-    r = run(user_net, "--weights", tmp_path / "w.safetensors", "--calib", tmp_path / "x.npz", "--rank", "0.5",
+    r = run("--model", user_net, "--weights", tmp_path / "w.safetensors", "--calib", tmp_path / "x.npz", "--rank", "0.5",
             "--round-to", "4", "--runtime", "none", "--out", out)
     assert r.exit_code == 0, r.output
     assert re.search(r"^  3 +Conv2d  kept: grouped convolution \(groups=4\)$", r.stdout, re.M), r.stdout
@@ -221,13 +221,13 @@ def test_bad_input_on_a_user_model(tmp_path, user_net):
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((4, 3, 10, 10)).astype(np.float32))
     calib = ("--calib", tmp_path / "x.npz")
     keep = user_files(tmp_path) + ["x.npz"]
-    assert_fails(run(user_net, "--layers", "3", "--runtime", "none", *calib, "--out", out), tmp_path,
+    assert_fails(run("--model", user_net, "--layers", "3", "--runtime", "none", *calib, "--out", out), tmp_path,
                  "layer '3' (Conv2d) cannot be decomposed: grouped convolution (groups=4)", keep=keep)
-    assert_fails(run(user_net, "--out", out), tmp_path, "--runtime onnxruntime needs --calib", "--runtime none",
+    assert_fails(run("--model", user_net, "--out", out), tmp_path, "--runtime onnxruntime needs --calib", "--runtime none",
                  keep=keep)
-    assert_fails(run(user_net, "--runtime", "none", "--macs", "0.5", "--out", out), tmp_path, "--macs needs --calib",
+    assert_fails(run("--model", user_net, "--runtime", "none", "--macs", "0.5", "--out", out), tmp_path, "--macs needs --calib",
                  "--params instead", keep=keep)
-    assert_fails(run(user_net, "--runtime", "none", "--out", out, "--onnx", tmp_path / "u.onnx", "--input-shape",
+    assert_fails(run("--model", user_net, "--runtime", "none", "--out", out, "--onnx", tmp_path / "u.onnx", "--input-shape",
                      "1,5,10,10"), tmp_path, "input of shape [1, 5, 10, 10]", keep=keep)
-    assert_fails(run(user_net, "--runtime", "none", "--out", out, "--onnx", tmp_path / "u.onnx"), tmp_path,
+    assert_fails(run("--model", user_net, "--runtime", "none", "--out", out, "--onnx", tmp_path / "u.onnx"), tmp_path,
                  "give --input-shape", keep=keep)

@@ -50,7 +50,7 @@ def make_config(method: str, rank: Optional[str], energy: Optional[float], macs:
 
 
 def decompose(
-    model: str = typer.Argument("example", help="'example' (bundled Fashion-MNIST ResNet) or "
+    model: str = typer.Option("example", "--model", help="'example' (bundled Fashion-MNIST ResNet) or "
                                 "package.module:factory"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="safetensors / .smallify weights for MODEL"),
     out: Path = typer.Option(..., "--out", help="the decomposed model (.smallify: load it with smallify.load "

@@ -33,7 +33,8 @@ class LowRank(Config):
     variational Bayesian matrix factorisation), ``energy`` (the smallest rank whose relative output error on
     ``data`` - weight-space error without data - is at most 1 - energy), or one global budget: ``macs`` /
     ``params`` (the kept share of the whole model's MACs / parameters), spread over the layers by least error
-    per saved MAC. Ranks are multiples of ``round_to``. Default: energy=0.95.
+    per saved MAC. Ranks are multiples of ``round_to``. Default: energy=0.95. The statistics come from the first
+    256 samples of ``data``.
 
     ``runtime`` ('onnxruntime', 'openvino' or None): each decomposed layer is timed against the original on
     its real input shape at ``batch`` with ``threads`` (cached per shape) and kept only when at least

@@ -237,6 +237,18 @@ def input_stats(model: nn.Module, chosen: dict[str, nn.Module], data) -> tuple[d
     return shapes, moments, inputs_and_labels(batches[0])[0]
 
 
+def _check_budget(options: dict[str, list[_Option]], config: LowRank, fixed_cost: int, total: int) -> None:
+    """A ConfigError when even the smallest rank of every layer keeps more than the ``macs`` / ``params`` budget."""
+    if config.macs is None and config.params is None:
+        return
+    key = "params" if config.params is not None else "macs"
+    least = fixed_cost + sum(min(getattr(o, key) for o in opts) for opts in options.values())
+    if least > getattr(config, key) * total:
+        raise ConfigError(f"{key}={getattr(config, key)} cannot be met: every decomposable layer at its smallest rank "
+                          f"still keeps {least / total:.3f} of the model's {'MACs' if key == 'macs' else key}; "
+                          f"accepted: {key} >= {math.ceil(least / total * 1000) / 1000}")
+
+
 def _choose(options: dict[str, list[_Option]], config: LowRank, fixed_cost: int, total: int) -> dict[str, _Option | None]:
     """One option per layer (None: kept). Fixed rank: the one candidate; energy: the cheapest with error <=
     1 - energy; budget: least summed error with sum(cost) <= budget * total, by bisection on the price of a MAC."""
@@ -257,11 +269,6 @@ def _choose(options: dict[str, list[_Option]], config: LowRank, fixed_cost: int,
             cost += getattr(best, key)
         return out, cost
 
-    least = fixed_cost + sum(min(getattr(o, key) for o in opts) for opts in options.values())
-    if least > budget:
-        raise ConfigError(f"{key}={getattr(config, key)} cannot be met: every decomposable layer at its smallest rank "
-                          f"still keeps {least / total:.3f} of the model's {key.upper() if key == 'macs' else key}; "
-                          f"accepted: {key} >= {math.ceil(least / total * 1000) / 1000}")
     lo, hi = 0.0, 1.0
     while pick(hi)[1] > budget:
         hi *= 2
@@ -327,13 +334,13 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
     if example is not None:
         from smallify.measure.macs import count_macs
 
-        total_macs = count_macs(model, example[:1])
+        total_macs = count_macs(model, example)
     total_params = sum(p.numel() for p in model.parameters())
 
     options: dict[str, list[_Option]] = {}
     scorers: dict[tuple[str, str], _Scorer] = {}
     base: dict[str, tuple[int, int]] = {}
-    for name, m in track(list(chosen.items()), f"{config.describe()}: scoring", enabled=progress):
+    for name, m in chosen.items():
         shape = shapes.get(name)
         base[name] = _cost([m], shape)
         opts = [_Option("keep", (), *base[name], error=0.0)]
@@ -356,20 +363,23 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
             reports.append(LowRankLayer(name, type(m).__name__, "kept", macs_before=base[name][0],
                                         params_before=base[name][1], reason=reason))
             continue
-        for o in opts[1:]:
-            sc = scorers.get((name, o.method))
-            if sc is None:
-                sc = scorers[(name, o.method)] = _Scorer(m, o.method, moments.get(name), config)
-            o.factors = sc.factors(o.ranks)
-            o.error = sc.error(o.factors)
         options[name] = opts if config.macs is not None or config.params is not None else opts[1:]
     if not options:
         raise ConfigError("no layer has a decomposed form smaller than itself at the ranks asked for"
                           + "".join(f"; {r.name}: {r.reason}" for r in reports[:3]))
-    fixed = sum(base[n][0 if config.params is None else 1] for n in chosen if n not in options)
     total = total_macs if config.params is None else total_params
-    picks = _choose(options, config, (total - sum(base[n][0 if config.params is None else 1] for n in options))
-                    if config.macs is not None or config.params is not None else fixed, total)
+    others = total - sum(base[n][0 if config.params is None else 1] for n in options)   # what no choice changes
+    _check_budget(options, config, others, total)          # before the (slower) scoring
+    for name, opts in track(list(options.items()), f"{config.describe()}: scoring", enabled=progress):
+        for o in opts:
+            if o.method == "keep":
+                continue
+            sc = scorers.get((name, o.method))
+            if sc is None:
+                sc = scorers[(name, o.method)] = _Scorer(chosen[name], o.method, moments.get(name), config)
+            o.factors = sc.factors(o.ranks)
+            o.error = sc.error(o.factors)
+    picks = _choose(options, config, others, total)
     from smallify.lowrank.speed import SpeedCache
 
     cache = SpeedCache(config.runtime, config.threads) if config.runtime else None
@@ -409,6 +419,6 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
     if example is not None:
         from smallify.measure.macs import count_macs
 
-        report.macs_before, report.macs_after = total_macs, count_macs(model, example[:1])
+        report.macs_before, report.macs_after = total_macs, count_macs(model, example)
     model.report = model.decompose_report = report
     return model
