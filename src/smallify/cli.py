@@ -253,6 +253,31 @@ def _has_manifest(path: Path) -> bool:
         return False
 
 
+def check_outputs(out: Path, onnx_out: Optional[Path], inputs: tuple) -> None:
+    """Before any work: ``out`` (and ``onnx_out``) writable, never one of ``inputs``, and not one file."""
+    from smallify.files import check_writable
+
+    check_writable(out, inputs)
+    if onnx_out is not None:
+        if onnx_out.resolve() == out.resolve():
+            raise OutputError(f"--onnx {onnx_out} and --out {out} name one file; give each output its own name")
+        check_writable(onnx_out, inputs)
+
+
+def calibration_inputs(model_spec: str, arrays):
+    """The calibration inputs of a command: the first array of ``--calib``, else the bundled example's 512
+    training images for the example model, else None."""
+    import torch
+
+    if arrays is not None:
+        return torch.from_numpy(next(iter(arrays.values())))
+    if model_spec == "example":
+        from smallify.examples.demo import calibration_images
+
+        return torch.from_numpy(calibration_images(512))
+    return None
+
+
 def _example_batch(model_spec: str, input_shape: Optional[str], calib):
     import torch
 
@@ -296,28 +321,12 @@ def prune(
     from smallify.prune import prune as prune_verb
 
     try:
-        from smallify.files import check_writable
-
-        check_writable(out, (weights, calib))
-        if onnx_out is not None:
-            if onnx_out.resolve() == out.resolve():
-                raise OutputError(f"--onnx {onnx_out} and --out {out} name one file; give each output its own name")
-            check_writable(onnx_out, (weights, calib))
+        check_outputs(out, onnx_out, (weights, calib))
         config = ChannelPrune(ratio=ratio, importance=importance, scope=scope, ignore=tuple(ignore),
                               round_to=round_to, reconstruct=reconstruct, branches=branches)
         net = _model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
-        data = None
-        if arrays is not None:
-            import torch
-
-            data = torch.from_numpy(next(iter(arrays.values())))
-        elif model == "example":
-            import torch
-
-            from smallify.examples.demo import calibration_images
-
-            data = torch.from_numpy(calibration_images(512))
+        data = calibration_inputs(model, arrays)
         example = _example_batch(model, input_shape, arrays)
         pruned = prune_verb(net, config, example, data=data, progress=sys.stderr.isatty())
         from smallify.files import write_all

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import ConfigError, DataError, OutputError, SmallifyError
+from smallify.errors import ConfigError, DataError, SmallifyError
 
 METHODS = ("kmeans", "binary", "ternary", "power-of-two", "hash")
 ONNX_FORMS = ("expand", "indices")
@@ -139,18 +139,14 @@ def cluster(
 ):
     """Share weights: a few values per layer, channel or group (k-means codebooks, binary, ternary, powers of
     two) or hashed buckets; the file stores codebooks + entropy-coded indices."""
-    from smallify.cli import _example_batch, _fail, _model_from
+    from smallify.cli import _example_batch, _fail, _model_from, calibration_inputs, check_outputs
     from smallify.cluster import cluster as cluster_verb
     from smallify.data import load_npz
-    from smallify.files import check_writable, write_all
+    from smallify.files import write_all
     from smallify.pack import save
 
     try:
-        check_writable(out, (weights, calib))
-        if onnx_out is not None:
-            if onnx_out.resolve() == out.resolve():
-                raise OutputError(f"--onnx {onnx_out} and --out {out} name one file; give each output its own name")
-            check_writable(onnx_out, (weights, calib))
+        check_outputs(out, onnx_out, (weights, calib))
         if onnx_form not in ONNX_FORMS:
             raise ConfigError(f"--onnx-form {onnx_form!r} is not supported; accepted: {', '.join(ONNX_FORMS)}")
         config = make_config(method, clusters, bits, scope, group_size, init, snap, compression, seed, tuple(skip))
@@ -159,16 +155,7 @@ def cluster(
         example = _example_batch(model, input_shape, arrays) if onnx_out is not None else None
         if example is not None:
             check_runs(net, example[:1])
-        data = None
-        if method == "kmeans" and config.weighted:
-            import torch
-
-            if arrays is not None:
-                data = torch.from_numpy(next(iter(arrays.values())))
-            elif model == "example":
-                from smallify.examples.demo import calibration_images
-
-                data = torch.from_numpy(calibration_images(512))
+        data = calibration_inputs(model, arrays) if method == "kmeans" and config.weighted else None
         shared = cluster_verb(net, config, data=data, progress=sys.stderr.isatty())
         writers = {out: lambda tmp: save(shared, tmp)}
         if onnx_out is not None:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import ConfigError, OutputError, SmallifyError
+from smallify.errors import ConfigError, SmallifyError
 
 RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "none": None}
 
@@ -79,32 +79,20 @@ def decompose(
 ):
     """Write Linear and Conv2d layers as smaller layers in a row (low-rank decomposition); a layer is replaced
     only where it got faster on --runtime."""
-    from smallify.cli import _example_batch, _fail, _model_from
+    from smallify.cli import _example_batch, _fail, _model_from, calibration_inputs, check_outputs
     from smallify.cluster.cli import check_runs, float_size, size_lines
     from smallify.data import load_npz
-    from smallify.files import check_writable, write_all
+    from smallify.files import write_all
     from smallify.lowrank import decompose as decompose_verb
     from smallify.pack import save
 
     try:
-        check_writable(out, (weights, calib))
-        if onnx_out is not None:
-            if onnx_out.resolve() == out.resolve():
-                raise OutputError(f"--onnx {onnx_out} and --out {out} name one file; give each output its own name")
-            check_writable(onnx_out, (weights, calib))
+        check_outputs(out, onnx_out, (weights, calib))
         config = make_config(method, rank, energy, macs, params, round_to, tuple(layers), tuple(skip), runtime,
                              batch, threads)
         net = _model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
-        import torch
-
-        data = None
-        if arrays is not None:
-            data = torch.from_numpy(next(iter(arrays.values())))
-        elif model == "example":
-            from smallify.examples.demo import calibration_images
-
-            data = torch.from_numpy(calibration_images(512))
+        data = calibration_inputs(model, arrays)
         if data is None and (config.runtime is not None or config.macs is not None):
             need = f"--runtime {runtime}" if config.runtime is not None else "--macs"
             raise ConfigError(f"{need} needs --calib data.npz (inputs the model takes: each layer's input shape); "

@@ -32,7 +32,6 @@ def _layer_desc(m: nn.Module) -> list:
 
 def _graph(parts: list[nn.Module], in_shape: list[int]):
     """A one-layer ONNX model computing ``parts`` in a row on an input of ``in_shape``."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
