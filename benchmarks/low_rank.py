@@ -153,7 +153,7 @@ def fmnist(b: Bench) -> dict:
         q = sm.quantize(m, sm.Int8Static(), data=b.calib, progress=False)
         int8[f"INT8 of {name}"] = (b.onnx(q, f"d{macs}_int8"), metrics(b, q, None, report))
     rows = timed_rows(b, {**models, **int8})
-    print_table(rows, f"Fashion-MNIST ResNet, low-rank + distillation, FP32 then INT8, ONNX Runtime 2 threads "
+    print_table(rows, "Fashion-MNIST ResNet, low-rank + distillation, FP32 then INT8, ONNX Runtime 2 threads "
                       "(ratios to the FP32 original)")
     return {"rows": [row_dict(r) for r in rows], "layers": layers}
 

@@ -202,6 +202,7 @@ def test_prune_then_decompose_round_trips(tmp_path):
         assert torch.equal(back(x), d(x))
 
 
+@pytest.mark.slow
 def test_real_model_half_the_macs_before_fine_tuning():
     """The bundled Fashion-MNIST ResNet at half its MACs, activation-aware, no fine-tuning: measured 0.9287 top-1
     against 0.9344 on the 10,000 test images (benchmarks/low_rank.py); here on 2,000 of them, drop <= 1.5 points."""
