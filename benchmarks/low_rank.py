@@ -20,7 +20,7 @@ peers:    tensorly's Tucker (``partial_tucker``) at the same ranks as smallify's
           relative weight error, and the spatial form's output error on the data; then plain SVD against activation-aware SVD
           at the same ranks (the Linear classifier and 1x1 shortcut convolutions, and every 3x3 conv by the
           spatial form with and without the least-squares refit).
-resnet18: ResNet-18 at 224x224 with random weights (speed only): spatial, tucker and separable at
+resnet18: ResNet-18 at 224x224 with random weights (speed only; weight-space fits): spatial, tucker and separable at
           ``--resnet-macs`` of the MACs (no speed check: every 3x3 conv but the stem decomposed) and ``auto`` with
           the ONNX Runtime speed check, in ONNX Runtime and OpenVINO at batch 1, each model in its own process.
 minilm:   benchmarks/_lr_minilm.py (activation-aware SVD of MiniLM-L6, distilled on real sentences), a subprocess.
@@ -287,7 +287,7 @@ def resnet(b: Bench) -> dict:
     info = {"FP32 ResNet-18": {"macs_x": 1.0}}
     for method in ("spatial", "tucker", "separable", "auto"):
         cfg = LowRank(method=method, macs=budget, runtime="onnxruntime" if method == "auto" else None,
-                      skip=("stem.*",), round_to=16)
+                      skip=("stem.*",), round_to=16, aware=False)     # random weights: weight-space fits
         try:
             d = decompose(net, cfg, data=x, progress=b.progress)
         except sm.ConfigError as e:

@@ -165,6 +165,16 @@ def _candidates(m: nn.Module, method: str, config: LowRank, shape) -> list[tuple
     return [(t,) for t in range(step, full, step)] or [(1,)]
 
 
+MAX_CANDIDATES = 24       # per layer and method: wider layers get coarser rank steps (scoring costs O*D^2 each)
+
+
+def _thin(ranks: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    if len(ranks) <= MAX_CANDIDATES:
+        return ranks
+    keep = {round(i * (len(ranks) - 1) / (MAX_CANDIDATES - 1)) for i in range(MAX_CANDIDATES)}
+    return [r for i, r in enumerate(ranks) if i in keep]
+
+
 def full_rank(m: nn.Module, method: str) -> int:
     W = m.weight
     if method == "svd":
@@ -184,14 +194,14 @@ class _Scorer:
         self.W = self.W4.reshape(self.W4.shape[0], -1)
         self.method, self.S, self.refit, self.damp = method, S, S is not None, config.damp
         self.fit = {"svd": lambda: fa.SVDFit(self.W, S, config.damp), "spatial": lambda: fa.SpatialFit(self.W4),
-                    "separable": lambda: fa.SeparableFit(self.W4), "tucker": lambda: None}[method]()
+                    "separable": lambda: fa.SeparableFit(self.W4), "tucker": lambda: fa.tucker_bases(self.W4)}[method]()
 
     def factors(self, ranks: tuple[int, ...], final: bool = False) -> fa.Factors:
         """The factorization at ``ranks``; Tucker is scored after 3 HOOI sweeps and built to convergence."""
         if self.method == "svd":
             f = fa.svd_factors(self.W4 if self.W4.ndim == 4 else self.W, ranks[0], fit=self.fit)
         elif self.method == "tucker":
-            f = fa.tucker_factors(self.W4, *ranks, sweeps=50 if final else 3)
+            f = fa.tucker_factors(self.W4, *ranks, sweeps=50 if final else 3, bases=self.fit)
         else:
             f = self.fit.at(ranks[0])
         if self.refit and self.method != "svd":      # the whitened SVD is already the least-squares optimum
@@ -347,7 +357,7 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
         reason = "no rank that is a multiple of round_to has fewer MACs than the layer"
         for method in _methods_for(m, config.method):
             full = full_rank(m, method)
-            for ranks in _candidates(m, method, config, shape):
+            for ranks in _thin(_candidates(m, method, config, shape)):
                 if isinstance(config.rank, int) and config.rank >= full:
                     reason = f"rank {config.rank} >= the full rank {full} of {method}"
                     continue

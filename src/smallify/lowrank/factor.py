@@ -159,14 +159,23 @@ def _leading(m: torch.Tensor, r: int) -> torch.Tensor:
     return _svd(m)[0][:, :r]
 
 
-def tucker_factors(W4: torch.Tensor, r_out: int, r_in: int, sweeps: int = 3, tol: float = 1e-7) -> Factors:
+def tucker_bases(W4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left singular vectors of W4's output- and input-channel unfoldings (HOSVD's start at every rank)."""
+    O, C = W4.shape[:2]
+    W = W4.double()
+    return _svd(W.reshape(O, -1))[0], _svd(W.transpose(0, 1).reshape(C, -1))[0]
+
+
+def tucker_factors(W4: torch.Tensor, r_out: int, r_in: int, sweeps: int = 3, tol: float = 1e-7,
+                   bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> Factors:
     """Tucker-2 of W4 (O x C x kh x kw): U_out (O x r_out), core (r_out x r_in x kh x kw), U_in (C x r_in); HOSVD
     start, then up to ``sweeps`` of higher-order orthogonal iteration, each lowering the weight-space error,
-    stopped early once a sweep gains less than ``tol`` of the weight's energy."""
+    stopped early once a sweep gains less than ``tol`` of the weight's energy. ``bases``: ``tucker_bases(W4)``,
+    computed once when many ranks of one weight are tried."""
     W = W4.double()
     O, C, kh, kw = W.shape
-    U_out = _leading(W.reshape(O, -1), r_out)
-    U_in = _leading(W.transpose(0, 1).reshape(C, -1), r_in)
+    B_out, B_in = bases if bases is not None else tucker_bases(W)
+    U_out, U_in = B_out[:, :r_out], B_in[:, :r_in]
     total, kept = float(W.pow(2).sum()) or 1.0, 0.0
     for _ in range(sweeps):
         proj = torch.einsum("ocij,cr->orij", W, U_in)                 # W x_1 U_in^T
