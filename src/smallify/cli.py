@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from smallify.errors import ConfigError, ModelError, OutputError, SmallifyError
+from smallify.cli_inputs import calibration_inputs, check_outputs, example_batch, load_callable, model_from
+from smallify.errors import ConfigError, OutputError, SmallifyError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Make trained neural networks small and fast, and measure it.")
@@ -19,24 +20,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 METHODS = ("int8", "dynamic", "fp8", "weight-only", "fp16", "bf16", "mixed")
-
-
-def load_callable(spec: str, what: str):
-    """``package.module:function`` -> the function (the current folder is importable)."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"{what} {spec!r} must look like package.module:function")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load {what} {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"{what} {spec!r} is not callable")
-    return fn
 
 
 def _group(value: str):
@@ -206,94 +189,6 @@ def _note_half_calibration(calib: Path) -> None:
                        "float32 to calibrate (ranges keep float16's precision)", err=True)
 
 
-def _model_from(spec: str, weights: Optional[Path], what: str):
-    """'example' (the bundled Fashion-MNIST ResNet, trained) or 'package.module:factory' (+ weights)."""
-    if spec == "example":
-        from smallify.examples.demo import pretrained_fmnist_resnet
-
-        model = pretrained_fmnist_resnet()
-    else:
-        model = load_callable(spec, f"--{what}")()
-        import torch
-
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"--{what} {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
-    if weights is not None:
-        from smallify.pack import load
-
-        if str(weights).endswith(".safetensors") and not _has_manifest(weights):
-            from safetensors.torch import load_file
-
-            from smallify.pack import fit_shapes
-
-            if not weights.is_file():
-                raise ModelError(f"weights file {weights} does not exist")
-            try:
-                state = load_file(str(weights))
-            except Exception as e:    # safetensors' own errors: a cut or foreign file
-                raise ModelError(f"{weights} is not a readable safetensors file ({(str(e).strip() or type(e).__name__).splitlines()[0][:160]}); "
-                                 "accepted: safetensors or .smallify weights") from None
-            try:
-                fit_shapes(model, state)
-                model.load_state_dict(state)
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                raise ConfigError(f"{weights} does not fit {spec}: {str(e).splitlines()[0]}") from None
-        else:
-            model = load(weights, model)
-    return model.eval()
-
-
-def _has_manifest(path: Path) -> bool:
-    from smallify.pack.container import read_manifest
-
-    try:
-        read_manifest(path)
-        return True
-    except SmallifyError:
-        return False
-
-
-def check_outputs(out: Path, onnx_out: Optional[Path], inputs: tuple) -> None:
-    """Before any work: ``out`` (and ``onnx_out``) writable, never one of ``inputs``, and not one file."""
-    from smallify.files import check_writable
-
-    check_writable(out, inputs)
-    if onnx_out is not None:
-        if onnx_out.resolve() == out.resolve():
-            raise OutputError(f"--onnx {onnx_out} and --out {out} name one file; give each output its own name")
-        check_writable(onnx_out, inputs)
-
-
-def calibration_inputs(model_spec: str, arrays):
-    """The calibration inputs of a command: the first array of ``--calib``, else the bundled example's 512
-    training images for the example model, else None."""
-    import torch
-
-    if arrays is not None:
-        return torch.from_numpy(next(iter(arrays.values())))
-    if model_spec == "example":
-        from smallify.examples.demo import calibration_images
-
-        return torch.from_numpy(calibration_images(512))
-    return None
-
-
-def _example_batch(model_spec: str, input_shape: Optional[str], calib):
-    import torch
-
-    if calib is not None:
-        return torch.from_numpy(next(iter(calib.values()))[:2])
-    if input_shape:
-        try:
-            dims = [int(d) for d in input_shape.split(",")]
-        except ValueError:
-            raise ConfigError(f"--input-shape {input_shape!r} must be comma-separated integers, e.g. 1,3,224,224") from None
-        return torch.randn(*dims)
-    if model_spec == "example":
-        return torch.zeros(2, 1, 28, 28)
-    raise ConfigError("give --input-shape (e.g. 1,3,224,224) or --calib so that the model can be traced")
-
-
 @app.command()
 def prune(
     model: str = typer.Option("example", "--model", help="'example' (bundled Fashion-MNIST ResNet) or "
@@ -324,10 +219,10 @@ def prune(
         check_outputs(out, onnx_out, (weights, calib))
         config = ChannelPrune(ratio=ratio, importance=importance, scope=scope, ignore=tuple(ignore),
                               round_to=round_to, reconstruct=reconstruct, branches=branches)
-        net = _model_from(model, weights, "model")
+        net = model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
         data = calibration_inputs(model, arrays)
-        example = _example_batch(model, input_shape, arrays)
+        example = example_batch(model, input_shape, arrays)
         pruned = prune_verb(net, config, example, data=data, progress=sys.stderr.isatty())
         from smallify.files import write_all
 
@@ -375,8 +270,8 @@ def distill(
 
         check_writable(out, (student_weights, teacher_weights, data, checkpoint))
         config, train_config = KD(temperature=temperature, alpha=alpha), TrainConfig(epochs=epochs, lr=lr)
-        t_model = _model_from(teacher, teacher_weights, "teacher")
-        s_model = _model_from(student, student_weights, "student")
+        t_model = model_from(teacher, teacher_weights, "teacher")
+        s_model = model_from(student, student_weights, "student")
         if data is not None:
             arrays = load_npz(data)
             if "x" not in arrays:

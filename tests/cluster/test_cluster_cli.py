@@ -20,12 +20,7 @@ runner = CliRunner()
 LAYER = "layers.0.0.conv1"      # 16 x 16 x 3 x 3: 144 weights per output channel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args):

@@ -23,13 +23,7 @@ from smallify.cluster.kmeans import (
 from smallify.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Timings and speed do not depend on it; a busy machine's thread contention does (20 s vs 5 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sse(x, c, i, w=None):

@@ -15,12 +15,7 @@ from smallify.lowrank.modules import Decomposed, build, empty_parts, from_spec, 
 from smallify.quant.modules import QuantLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded(module: nn.Module, seed: int) -> nn.Module:

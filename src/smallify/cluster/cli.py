@@ -139,7 +139,8 @@ def cluster(
 ):
     """Share weights: a few values per layer, channel or group (k-means codebooks, binary, ternary, powers of
     two) or hashed buckets; the file stores codebooks + entropy-coded indices."""
-    from smallify.cli import _example_batch, _fail, _model_from, calibration_inputs, check_outputs
+    from smallify.cli import _fail
+    from smallify.cli_inputs import calibration_inputs, check_outputs, example_batch, model_from
     from smallify.cluster import cluster as cluster_verb
     from smallify.data import load_npz
     from smallify.files import write_all
@@ -150,9 +151,9 @@ def cluster(
         if onnx_form not in ONNX_FORMS:
             raise ConfigError(f"--onnx-form {onnx_form!r} is not supported; accepted: {', '.join(ONNX_FORMS)}")
         config = make_config(method, clusters, bits, scope, group_size, init, snap, compression, seed, tuple(skip))
-        net = _model_from(model, weights, "model")
+        net = model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
-        example = _example_batch(model, input_shape, arrays) if onnx_out is not None else None
+        example = example_batch(model, input_shape, arrays) if onnx_out is not None else None
         if example is not None:
             check_runs(net, example[:1])
         data = calibration_inputs(model, arrays) if method == "kmeans" and config.weighted else None

@@ -79,7 +79,8 @@ def decompose(
 ):
     """Write Linear and Conv2d layers as smaller layers in a row (low-rank decomposition); a layer is replaced
     only where it got faster on --runtime."""
-    from smallify.cli import _example_batch, _fail, _model_from, calibration_inputs, check_outputs
+    from smallify.cli import _fail
+    from smallify.cli_inputs import calibration_inputs, check_outputs, example_batch, model_from
     from smallify.cluster.cli import check_runs, float_size, size_lines
     from smallify.data import load_npz
     from smallify.files import write_all
@@ -90,7 +91,7 @@ def decompose(
         check_outputs(out, onnx_out, (weights, calib))
         config = make_config(method, rank, energy, macs, params, round_to, tuple(layers), tuple(skip), runtime,
                              batch, threads)
-        net = _model_from(model, weights, "model")
+        net = model_from(model, weights, "model")
         arrays = load_npz(calib) if calib is not None else None
         data = calibration_inputs(model, arrays)
         if data is None and (config.runtime is not None or config.macs is not None):
@@ -99,7 +100,7 @@ def decompose(
                               "or give --runtime none" + (" and --params instead of --macs" if macs is not None else ""))
         if data is not None:
             check_runs(net, data[:1])
-        example = _example_batch(model, input_shape, arrays) if onnx_out is not None else None
+        example = example_batch(model, input_shape, arrays) if onnx_out is not None else None
         if example is not None:
             check_runs(net, example[:1])
         small = decompose_verb(net, config, data=data, progress=sys.stderr.isatty())

@@ -92,6 +92,9 @@ class _Option:
 
 
 def _methods_for(m: nn.Module, method: str) -> tuple[str, ...]:
+    """The forms ``method`` can write ``m`` as (none for grouped convolutions and string padding)."""
+    if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)):
+        return ()
     pointwise = isinstance(m, nn.Linear) or tuple(m.kernel_size) == (1, 1)
     if method == "auto":
         return ("svd",) if pointwise else ("spatial", "tucker")
@@ -135,11 +138,10 @@ def _round_up(x: float, step: int) -> int:
     return max(step, int(math.ceil(x / step - 1e-9)) * step)
 
 
-def _candidates(m: nn.Module, method: str, config: LowRank, shape) -> list[tuple[int, ...]]:
+def _candidates(m: nn.Module, method: str, config: LowRank) -> list[tuple[int, ...]]:
     """The rank tuples to consider for ``m`` with ``method`` (before the break-even filter)."""
     W = m.weight
     O, C = W.shape[:2]
-    k = math.prod(W.shape[2:]) if W.ndim == 4 else 1
     step, r = config.round_to, config.rank
     if method == "tucker":
         if r == "vbmf":
@@ -150,8 +152,7 @@ def _candidates(m: nn.Module, method: str, config: LowRank, shape) -> list[tuple
             return [(min(_round_up(r * O, step), O), min(_round_up(r * C, step), C))]
         n = max(1, max(O, C) // step)
         return sorted({(min(_round_up(t / n * O, step), O), min(_round_up(t / n * C, step), C)) for t in range(1, n + 1)})
-    full = {"svd": min(O, C * k), "spatial": min(C * W.shape[2], O * W.shape[-1]) if W.ndim == 4 else 0,
-            "separable": min(k, O)}[method]
+    full = full_rank(m, method)
     if method == "separable":
         if isinstance(r, int):
             return [(r,)]
@@ -315,8 +316,7 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
         named.add(name)
         op = type(m).__name__
         pattern = first_match(config.skip, (name,))
-        methods = _methods_for(m, config.method) if not (isinstance(m, nn.Conv2d) and
-                                                           (m.groups != 1 or isinstance(m.padding, str))) else ()
+        methods = _methods_for(m, config.method)
         if pattern is not None:
             reports.append(LowRankLayer(name, op, "kept", reason=f"skipped by pattern {pattern!r}"))
         elif not methods:
@@ -357,7 +357,7 @@ def decompose(model: nn.Module, config: LowRank | None = None, data=None, progre
         reason = "no rank that is a multiple of round_to has fewer MACs than the layer"
         for method in _methods_for(m, config.method):
             full = full_rank(m, method)
-            for ranks in _thin(_candidates(m, method, config, shape)):
+            for ranks in _thin(_candidates(m, method, config)):
                 if isinstance(config.rank, int) and config.rank >= full:
                     reason = f"rank {config.rank} >= the full rank {full} of {method}"
                     continue
