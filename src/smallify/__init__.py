@@ -14,8 +14,9 @@ from smallify.quant.dynamic import Int8Dynamic
 from smallify.quant.mixed import MixedPrecision
 from smallify.quant.qat import qat
 from smallify.train import TrainConfig, TrainData, train
+from smallify.tune import Goal, compress
 
 __version__ = "0.1.0"
-__all__ = ["llm", "quantize", "cluster", "snap_codebooks", "KMeans", "Binary", "Ternary", "PowerOfTwo", "HashShare", "decompose", "LowRank", "qat", "prune", "prune_attention", "AttentionPrune", "ChannelPrune", "Unstructured", "sparsify", "prune_gradually", "finalize",
+__all__ = ["llm", "compress", "Goal", "quantize", "cluster", "snap_codebooks", "KMeans", "Binary", "Ternary", "PowerOfTwo", "HashShare", "decompose", "LowRank", "qat", "prune", "prune_attention", "AttentionPrune", "ChannelPrune", "Unstructured", "sparsify", "prune_gradually", "finalize",
            "sparsity_of", "distill", "KD", "train", "TrainConfig", "TrainData", "export_onnx", "save", "load", "Int8Static", "FP8Static", "WeightOnly", "Float16", "MixedPrecision", "Int8Dynamic", "QuantizedONNX", "SmallifyError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]
