@@ -394,6 +394,10 @@ app.command("cluster")(_cluster_command)
 from smallify.lowrank.cli import decompose as _decompose_command  # noqa: E402
 
 app.command("decompose")(_decompose_command)
+from smallify.tune.cli import compress as _compress_command, report as _report_command  # noqa: E402
+
+app.command("compress")(_compress_command)
+app.command("report")(_report_command)
 
 
 def main() -> None:  # pragma: no cover

@@ -199,7 +199,7 @@ def _replay_steps(search: _Search, pick: dict) -> list[dict]:
     prefixes = [Recipe(recipe.steps[:n], recipe.seed) for n in range(1, len(recipe.steps))]
     built = {r["id"]: r for r in (search.build_all(prefixes, "step by step") if prefixes else [])}
     records = [search.records.get(p.key()) or built[p.key()] for p in prefixes]
-    search.time(records + [pick], rounds=2)
+    search.time(records, rounds=2, keep=(pick,))     # the pick and the float model keep their final figures
     rows = [{"step": "float", "label": "float", **_figures(search.base)}]
     for p, r in zip(prefixes + [recipe], records + [pick]):
         rows.append({"step": p.steps[-1].verb, "label": p.steps[-1].label, **_figures(r)})

@@ -188,22 +188,25 @@ class _Search:
         self.ctx.threads = None
 
     # ---- timing ----
-    def time(self, records: list[dict], rounds: int = 1) -> None:
+    def time(self, records: list[dict], rounds: int = 1, keep: tuple[dict, ...] = ()) -> None:
         """Time the done records and the baseline on the goal's runtime, each model in its own process, models
-        alternating; latency_ms of each record is set (and kept on disk)."""
+        alternating; latency_ms of each record is set (and kept on disk). ``keep``: records timed alongside as
+        references whose figures stay as they were."""
         from smallify.measure.isolated import bench_isolated
 
         if not records and self.base["latency_ms"]:
             return
-        todo = {r["id"]: r for r in [self.base] + records if r["status"] == "done"}
+        todo = {r["id"]: r for r in [self.base, *keep, *records] if r["status"] == "done"}
         paths = {k: str(self.folder_of(r) / "model.onnx") for k, r in todo.items()}
         _log(self.progress, f"timing {len(paths)} model(s) on {self.goal.runtime}, batch "
                             f"{', '.join(map(str, self.goal.batch))}, {rounds} round(s)")
         t = bench_isolated(paths, self.goal.batch, self.goal.runtime, self.goal.threads, self.goal.timing_seconds,
                            rounds)
+        fixed = {r["id"] for r in keep} | ({"baseline"} if keep and self.base["latency_ms"] else set())
         for k, r in todo.items():
-            r["latency_ms"] = {str(b): round(t[k, b], 4) for b in self.goal.batch}
-            write_record(self.folder_of(r), r)
+            if k not in fixed:
+                r["latency_ms"] = {str(b): round(t[k, b], 4) for b in self.goal.batch}
+                write_record(self.folder_of(r), r)
 
     def folder_of(self, record: dict) -> Path:
         return self.out / "candidates" / record["id"]
