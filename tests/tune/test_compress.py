@@ -210,3 +210,17 @@ def test_workers_build_the_same_candidates(env, tmp_path):
     two = sm.compress(model, _goal(families=("quantize",), workers=2), x, out=tmp_path / "w2",
                       progress=False).to_dict()
     assert {c["id"]: c["metric"] for c in one["candidates"]} == {c["id"]: c["metric"] for c in two["candidates"]}
+
+
+@pytest.mark.slow
+def test_ray_builds_the_same_candidates(env, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import os
+
+    _, model, x = env
+    here = os.path.dirname(os.path.abspath(tiny.__file__))    # Ray's workers import the test's metric module
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    one = sm.compress(model, _goal(families=("quantize",)), x, out=tmp_path / "local", progress=False).to_dict()
+    ray_run = sm.compress(model, _goal(families=("quantize",)), x, out=tmp_path / "ray", progress=False,
+                          ray_address="local").to_dict()
+    assert {c["id"]: c["metric"] for c in one["candidates"]} == {c["id"]: c["metric"] for c in ray_run["candidates"]}

@@ -54,3 +54,22 @@ def train_data(n: int | None = None, batch_size: int = 128):
 
     x, y = _split("train")
     return sm.TrainData(x[:n], y[:n], batch_size=batch_size, augment=augment)
+
+
+def minilm_cosine(path) -> float:
+    """MiniLM-L6's metric for compress: mean cosine between the ONNX model's sentence embeddings and the float
+    model's, on the tokenized sentences and reference embeddings in the .npz named by $SMALLIFY_MINILM_REF."""
+    import os
+
+    import onnxruntime as ort
+
+    from smallify.examples.minilm import mean_cosine
+
+    data = np.load(os.environ["SMALLIFY_MINILM_REF"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = np.concatenate([session.run(None, {k: data[k][i:i + 32] for k in names})[0]
+                          for i in range(0, len(data["reference"]), 32)])
+    return mean_cosine(data["reference"], out)

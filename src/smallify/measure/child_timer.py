@@ -29,6 +29,8 @@ def _fp8_activations(path: str) -> bool:
 
 
 def measure(path: str, runtime: str, batch: int, threads: int, seconds: float) -> dict:
+    if path.endswith(".xml"):          # an OpenVINO IR (e.g. NNCF's output): OpenVINO only
+        return _measure_ir(path, batch, threads, seconds)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -49,6 +51,22 @@ def measure(path: str, runtime: str, batch: int, threads: int, seconds: float) -
         request, values = compiled.create_infer_request(), list(feed.values())
         del session
         run = lambda: request.infer(values)              # noqa: E731
+    return _loop(run, seconds)
+
+
+def _measure_ir(path: str, batch: int, threads: int, seconds: float) -> dict:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    rng, values = np.random.default_rng(0), []
+    for port in compiled.inputs:
+        dims = [batch if k == 0 else (d.get_length() if d.is_static else 1) for k, d in enumerate(port.get_partial_shape())]
+        values.append(rng.standard_normal(dims).astype(np.float32))
+    request = compiled.create_infer_request()
+    return _loop(lambda: request.infer(values), seconds)
+
+
+def _loop(run, seconds: float) -> dict:
     for _ in range(3):
         run()
     times, start = [], time.perf_counter()

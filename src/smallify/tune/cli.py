@@ -72,6 +72,7 @@ def compress(
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime | openvino: where latency is timed"),
     batch: list[int] = typer.Option([1, 32], "--batch", help="batch sizes timed; repeatable"),
     threads: int = typer.Option(2, "--threads"),
+    timing: float = typer.Option(1.0, "--timing", help="seconds of timing per model, batch size and round"),
     budget: Optional[float] = typer.Option(None, "--budget", help="minutes the search may take"),
     workers: int = typer.Option(1, "--workers", help="worker processes building candidates"),
     families: str = typer.Option("quantize,prune,decompose,cluster", "--families", help="comma-separated"),
@@ -113,7 +114,7 @@ def compress(
         goal = Goal(max_drop=max_drop, metric=metric, higher_is_better=not lower_is_better, objective=objective,
                     runtime=runtime, batch=tuple(batch), threads=threads, budget_minutes=budget, workers=workers,
                     families=tuple(f.strip() for f in families.split(",") if f.strip()), finetune=finetune,
-                    epochs=epochs)
+                    epochs=epochs, timing_seconds=timing)
         result = compress_verb(net, goal, data, train_data, out, progress=True, command=command, ray_address=ray)
     except BudgetError as e:
         _fail(str(e), EXIT_BUDGET)

@@ -266,9 +266,12 @@ def replay(model, recipe: Recipe | str | os.PathLike, data, train_data=None, met
         recipe = load_recipe(recipe)
     goal = Goal(metric=metric or (lambda path: 0.0))
     out = Path(out)
+    fresh = not out.exists()
     ctx = _context(model, data, train_data, goal, out / "cache")
     rec = build(ctx, recipe, out, progress)
     if rec["status"] != "done":
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
         raise SmallifyError(f"recipe {recipe.name} failed: {rec['reason']}")
     if metric is None:
         rec["metric"] = None

@@ -240,16 +240,24 @@ def _smallest(r: dict) -> int:
 
 
 def _ray_map(address: str, jobs: list):
+    """Build ``jobs`` on the Ray cluster at ``address`` ('local': a local instance with 2 CPUs, stopped after);
+    the out folder must be one every node sees (a shared file system)."""
     try:
         import ray
     except ImportError:
-        raise ConfigError("--ray needs the optional package ray (pip install ray); or leave --ray out to use "
-                          "local worker processes") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(build_job)
-    pending = {remote.remote(job): job for job in jobs}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            pending.pop(ref)
-            yield ray.get(ref)
+        raise ConfigError("--ray needs the optional package ray (pip install 'smallify[ray]'); or leave --ray out "
+                          "to use local worker processes") from None
+    local = address == "local"
+    started = not ray.is_initialized()
+    if started:
+        options = dict(num_cpus=2, include_dashboard=False) if local else dict(address=address)
+        ray.init(log_to_driver=False, **options)
+    try:
+        remote = ray.remote(num_cpus=1)(build_job)
+        pending = [remote.remote(job) for job in jobs]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    finally:
+        if started and local:
+            ray.shutdown()
