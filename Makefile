@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast bench data setup
+.PHONY: demo test test-fast bench data setup browser
 
 setup: $(STAMP)
 
@@ -24,10 +24,15 @@ $(FMNIST):
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'" >&2; exit 1; fi
 
+# the HTML report's browser test uses Debian's chromium (it skips, saying so, where it cannot be installed)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = "0" ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	  || echo "chromium not installed: tests/html's browser test will skip" >&2
+
 demo: setup data
 	$(BIN)/smallify demo
 
-test: setup data
+test: setup data browser
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup data

@@ -21,6 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ptq_cnn import (  # the same peer runs as benchmarks/ptq_cnn.py
+    ir_size,
+    nncf_openvino,
+    ort_quantize_static,
+)
 
 import smallify as sm
 from smallify.bench import wide_console
@@ -33,42 +38,6 @@ from smallify.measure.size import file_size, format_bytes
 logging.getLogger("nncf").setLevel(logging.ERROR)
 
 
-def nncf_int8(fp32: Path, out: Path, calib: np.ndarray) -> float:
-    import nncf
-    import openvino as ov
-
-    t0 = time.perf_counter()
-    q = nncf.quantize(ov.convert_model(str(fp32)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
-                      subset_size=len(calib))
-    ov.save_model(q, str(out))
-    return time.perf_counter() - t0
-
-
-def ort_int8(fp32: Path, out: Path, calib: np.ndarray) -> float:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter({"input": calib[i:i + 1]} for i in range(len(calib)))
-
-        def get_next(self):
-            return next(self.it, None)
-
-    t0 = time.perf_counter()
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    pre.unlink()
-    return time.perf_counter() - t0
-
-
 def ir_top1(xml: Path, x: np.ndarray, y: np.ndarray) -> float:
     import openvino as ov
 
@@ -78,7 +47,7 @@ def ir_top1(xml: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def size_of(path: Path) -> int:
-    return file_size(path) + (file_size(path.with_suffix(".bin")) if path.suffix == ".xml" else 0)
+    return ir_size(path) if path.suffix == ".xml" else file_size(path)
 
 
 def minilm_part(args) -> None:
@@ -175,8 +144,8 @@ def main(argv=None) -> None:
     calib = calibration_images(512)
     fp32 = peers_dir / "fp32.onnx"
     sm.export_onnx(model, fp32, __import__("torch").from_numpy(calib[:1]))
-    print(f"peers: NNCF INT8 ({nncf_int8(fp32, peers_dir / 'nncf.xml', calib):.1f} s), ONNX Runtime quantizer "
-          f"({ort_int8(fp32, peers_dir / 'ort.onnx', calib):.1f} s)", file=sys.stderr)
+    print(f"peers: NNCF INT8 ({nncf_openvino(fp32, peers_dir / 'nncf.xml', calib):.1f} s), ONNX Runtime quantizer "
+          f"({ort_quantize_static(fp32, peers_dir / 'ort.onnx', calib, uint8=True):.1f} s)", file=sys.stderr)
     xh, yh = ex._split("heldout")
     xt, yt = ex._split("test")
     peers = {"NNCF INT8": peers_dir / "nncf.xml", "ONNX Runtime quantizer": peers_dir / "ort.onnx"}

@@ -27,6 +27,8 @@ SKIPPED = {
                                    "tiny Llama folder and GGUF files",
     "smallify quantize model.gguf": "tests/llm/test_llm_cli_bad_input.py runs --format gguf on a GGUF",
     "python benchmarks/llm_weight_only.py": "a benchmark of about an hour (tests/llm cover each method)",
+    "smallify compress": "searches of minutes; tests/tune/test_compress_cli.py runs the command on small models",
+    "smallify report": "needs a search's result.json; tests/tune/test_compress_cli.py runs it",
 }
 SLOW = ("--reconstruct", "--branches", "--max-drop", "smallify bench")   # tens of seconds each
 

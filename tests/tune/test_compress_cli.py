@@ -59,7 +59,9 @@ def test_factory_search_report_and_replay(files):
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "result.json").read_text())
     assert doc["bound_met"] and doc["verdict"] in r.stdout
-    assert doc["command"].startswith("smallify compress tiny_compress:cnn --calib")
+    assert doc["command"] == (f"smallify compress tiny_compress:cnn --out {out} --calib {files / 'calib.npz'} --eval "
+                              "tiny_compress:cosine --max-drop 1.0 --batch 8 --timing 0.2 --families quantize "
+                              "--finetune 0")
     assert {s["verb"] for c in doc["candidates"] for s in c["recipe"]["steps"]} == {"quantize"}
     r = run("report", out / "result.json", "--out", files / "again.html")
     assert r.exit_code == 0, r.output

@@ -58,7 +58,26 @@ def _train_data(model: str, train: Optional[Path], finetune: int):
     return None
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command that reproduces this run: every option given a value other than its default (sys.argv is
+    another program's when the command runs inside one, e.g. a test)."""
+    words = ["smallify", ctx.info_name or "compress"]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if value == p.default or value is None or (p.multiple and list(value) == list(p.default or [])):
+            continue
+        if not p.opts[0].startswith("-"):
+            words.append(str(value))
+        elif isinstance(value, bool):
+            words.append(p.opts[0] if value else (p.secondary_opts or [p.opts[0]])[0])
+        else:
+            for v in (value if p.multiple else [value]):
+                words += [p.opts[0], str(v)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def compress(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="an .onnx file, 'example' (the bundled Fashion-MNIST ResNet) or "
                                 "package.module:factory"),
     out: Path = typer.Option(..., "--out", help="folder for the candidates, best.onnx, best.smallify, recipe.json, "
@@ -92,7 +111,7 @@ def compress(
     from smallify.tune import Goal, compress as compress_verb, replay
     from smallify.tune.search import BudgetError
 
-    command = "smallify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line(ctx)
     try:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder")
@@ -115,7 +134,8 @@ def compress(
                     runtime=runtime, batch=tuple(batch), threads=threads, budget_minutes=budget, workers=workers,
                     families=tuple(f.strip() for f in families.split(",") if f.strip()), finetune=finetune,
                     epochs=epochs, timing_seconds=timing)
-        result = compress_verb(net, goal, data, train_data, out, progress=True, command=command, ray_address=ray)
+        result = compress_verb(net, goal, data, train_data, out, progress=sys.stderr.isatty(), command=command,
+                               ray_address=ray)
     except BudgetError as e:
         _fail(str(e), EXIT_BUDGET)
     except SmallifyError as e:

@@ -23,6 +23,7 @@ from smallify.tune.search import (
     _context,
     _log,
     _Search,
+    _smallest,
 )
 
 
@@ -165,13 +166,9 @@ def _finish(search: _Search, peers: list[dict], command: str | None) -> dict:
 def _front(search: _Search) -> set[str]:
     """Ids on the Pareto front of (drop, objective, smallest file) among the scored candidates and the float model."""
     done = [r for r in search.records.values() if r["status"] == "done" and search.objective(r) is not None]
-    points = {r["id"]: (r["drop"], search.objective(r), _size(r)) for r in done}
-    points["baseline"] = (0.0, 1.0, _size(search.base))
+    points = {r["id"]: (r["drop"], search.objective(r), _smallest(r)) for r in done}
+    points["baseline"] = (0.0, 1.0, _smallest(search.base))
     return set(pareto_front(points)) - {"baseline"}
-
-
-def _size(r: dict) -> int:
-    return min(b for b in (r["size_bytes"], r.get("container_bytes")) if b)
 
 
 def _verdict(search: _Search, chosen, closest, speedup: bool) -> str:
@@ -183,7 +180,7 @@ def _verdict(search: _Search, chosen, closest, speedup: bool) -> str:
         return (f"bound not met; closest candidate: {closest['name']} loses {closest['drop']:.4g} "
                 f"{goal.metric_name} (max drop {goal.max_drop:g}) at {closest['objective']:.2f}x {what}")
     text = (f"chosen {chosen['name']}: {chosen['objective']:.2f}x {what} of the float model on {goal.runtime}, "
-            f"{_size(chosen) / _size(base):.2f}x size, {goal.metric_name} drop {chosen['drop'] + 0.0:.4g} "
+            f"{_smallest(chosen) / _smallest(base):.2f}x size, {goal.metric_name} drop {chosen['drop'] + 0.0:.4g} "
             f"(max {goal.max_drop:g})")
     if not speedup:
         text = (f"no speed-up on this runtime: no candidate within the bound is faster than the float model "
