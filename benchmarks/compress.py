@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=30.0, help="minutes for the search")
     ap.add_argument("--epochs", type=float, default=2.0, help="distillation epochs per fine-tuned candidate")
     ap.add_argument("--finetune", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3, help="distillation learning rate (AdamW, cosine)")
     ap.add_argument("--families", default="quantize,prune,decompose,cluster")
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--model", default="fmnist", choices=("fmnist", "minilm"))
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     goal = sm.Goal(max_drop=args.max_drop, metric=ex.heldout_top1, metric_name="top1 % (held-out)",
                    objective=args.objective, runtime=args.runtime, batch=(1, 32), budget_minutes=args.budget,
-                   finetune=args.finetune, epochs=args.epochs, families=tuple(args.families.split(",")))
+                   finetune=args.finetune, epochs=args.epochs, lr=args.lr, families=tuple(args.families.split(",")))
     peer_timing = bench_isolated({k: str(v) for k, v in peers.items()}, (1, 32), args.runtime, 2, 1.0, 2)
     peer_points = [{"name": name, "metric": scores[name][0], "drop": base_heldout - scores[name][0],
                     "latency_ms": {str(b): peer_timing[name, b] for b in (1, 32)}, "size_bytes": size_of(p)}

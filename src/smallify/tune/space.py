@@ -45,8 +45,9 @@ def structural(goal: Goal) -> list[Recipe]:
     if "prune" in goal.families:
         shapes += [step("prune", sm.ChannelPrune(ratio=r, importance="l2", reconstruct=True, round_to=8))
                    for r in (0.3, 0.5, 0.7)]
-        shapes.append(step("prune", sm.ChannelPrune(ratio=0.5, importance="l2", reconstruct=True, round_to=8,
-                                                    branches=2)))
+        # whole residual branches removed (on CPU runtimes what removes per-layer overhead), alone and with channels
+        shapes += [step("prune", sm.ChannelPrune(ratio=r, importance="l2", reconstruct=True, round_to=8, branches=2))
+                   for r in (0.0, 0.3, 0.5)]
     if "decompose" in goal.families:
         shapes += [step("decompose", sm.LowRank(macs=m, runtime=goal.runtime, batch=max(goal.batch),
                                                 threads=goal.threads)) for m in (0.5, 0.35)]
