@@ -125,6 +125,19 @@ def test_a_layer_that_is_not_faster_is_kept(monkeypatch, tmp_path):
     assert not any(isinstance(m, Decomposed) for m in d.modules())
 
 
+def test_nothing_faster_still_saves_and_loads_the_folded_model(monkeypatch, tmp_path):
+    """decompose folds the BatchNorms even where the speed check keeps every layer: load must fold them too."""
+    monkeypatch.setenv("SMALLIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(speed_mod.SpeedCache, "compare", lambda self, a, b, shape: (1.0, 1.5))
+    x = torch.randn(8, 3, 16, 16)
+    d = decompose(convnet(), LowRank(method="svd", rank=4, round_to=1), data=x, progress=False)
+    assert not d.report.decomposed and not any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+    sm.save(d, tmp_path / "kept.smallify")
+    loaded = sm.load(tmp_path / "kept.smallify", convnet())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), d(x))
+
+
 def test_speed_is_measured_once_per_shape_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("SMALLIFY_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)

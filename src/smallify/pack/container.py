@@ -149,8 +149,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     from smallify.lowrank.modules import decomposed_layers
 
     decomposed = decomposed_layers(model)
-    if decomposed:
-        manifest["decomposed"] = decomposed
+    if decomposed or getattr(model, "decompose_report", None) is not None:
+        manifest["decomposed"] = decomposed     # also when none was replaced: decompose folded the BatchNorms
     return files.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"smallify": json.dumps(manifest, separators=(",", ":"))}))
 
 
@@ -333,7 +333,7 @@ def _rebuild(path: Path, manifest: dict, config, model: nn.Module) -> nn.Module:
     specs = {name: _spec_from(info["spec"], name) for name, info in layers.items()}
     if manifest.get("removed_branches"):
         model = remove_branches(model, manifest["removed_branches"])
-    if manifest.get("decomposed"):
+    if "decomposed" in manifest:
         from smallify.lowrank.modules import rebuild as rebuild_decomposed
 
         model = rebuild_decomposed(model, manifest["decomposed"], path)
